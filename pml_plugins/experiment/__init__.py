@@ -1,0 +1,1 @@
+"""One experiment from a YAML file: config, data, models, evaluation, run."""

@@ -1,0 +1,67 @@
+"""Trunks and the embedder: ``trunk(images) -> (B, F)``, ``embedder(features) -> (B, d)``.
+
+PML trainers take ``models={"trunk": ..., "embedder": ...}``; every trunk here has an
+``output_size`` attribute so the embedder can be sized from it. Trunks are registered
+by name (kind ``models``): ``SmallCNN`` for the embedded data sets on the CPU, and the
+papers' torchvision backbones (``ResNet50``, ``GoogLeNet``) from ``backbones``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["SmallCNN"]
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks + global average pooling, for small grey images (MNIST, digits).
+
+    ``output_size`` = ``width * 4``. BatchNorm can be frozen by PML's
+    ``freeze_trunk_batchnorm`` like any torchvision trunk.
+    """
+
+    def __init__(self, in_channels: int = 1, width: int = 32):
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            )
+
+        self.features = nn.Sequential(
+            block(in_channels, width),
+            nn.MaxPool2d(2),
+            block(width, width * 2),
+            nn.MaxPool2d(2),
+            block(width * 2, width * 4),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.output_size = width * 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+class Embedder(nn.Module):
+    """Linear (or two-layer MLP) map from trunk features to the embedding."""
+
+    def __init__(self, in_features: int, embedding_size: int, kind: str = "linear"):
+        super().__init__()
+        if kind == "linear":
+            self.net = nn.Linear(in_features, embedding_size)
+        elif kind == "mlp":
+            self.net = nn.Sequential(
+                nn.Linear(in_features, in_features),
+                nn.ReLU(inplace=True),
+                nn.Linear(in_features, embedding_size),
+            )
+        else:
+            raise ValueError(f"model.embedder: {kind!r} is not 'linear' or 'mlp'")
+        self.output_size = embedding_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -1,0 +1,489 @@
+"""Build everything from a validated config, train with a PML trainer, test, write the run folder.
+
+Run folder (``config["output"]``)::
+
+    config.yaml     the merged config (defaults filled in)
+    metrics.json    {"untrained": {split: {metric: value}}, "trained": {...}, ...}
+    manifest.json   versions, git revision, seed, device, wall time, data fingerprint
+    logs/           record-keeper CSVs and logs.db (SQLite)
+    checkpoints/    models, optimizers, RNG and plugin state of the last finished epoch
+
+Everything that can fail on bad input (config, data folder, sampler vs data) fails in
+``prepare`` before the run folder is created. A run killed mid-way continues from its
+last finished epoch with ``resume=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pytorch_metric_learning.utils import common_functions as c_f
+
+from .. import registry
+from . import config as cfg_mod
+from . import data as data_mod
+from .evaluate import Calculator
+from .models import Embedder
+
+LOG = logging.getLogger("pml_plugins")
+STATE_PREFIX = "state_"
+CLUSTERING_MAX_CLASSES = 5000
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue; the message says why and what to do."""
+
+
+@dataclass
+class Prepared:
+    """A config checked against its data, with nothing written yet."""
+
+    config: dict[str, Any]
+    splits: dict[str, Any]
+    out: Path
+    device: torch.device
+    resume_epoch: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_output(config: Mapping[str, Any]) -> Path:
+    name, _ = registry.parse_spec(config["loss"])
+    return (
+        Path("runs")
+        / config["dataset"]["name"]
+        / name
+        / str(config["model"]["embedding_size"])
+        / f"seed{config['seed']}"
+    )
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(
+            f"device: {spec!r} asked for, but CUDA is not available; use 'cpu' or 'auto'"
+        )
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    c_f.NUMPY_RANDOM = np.random.RandomState(seed)
+
+
+def latest_checkpoint(folder: Path) -> int:
+    """The last epoch whose checkpoint was completely written (0 if none)."""
+    epochs = [
+        int(p.stem[len(STATE_PREFIX) :])
+        for p in folder.glob(f"{STATE_PREFIX}*.pth")
+        if p.stem[len(STATE_PREFIX) :].isdigit()
+    ]
+    return max(epochs, default=0)
+
+
+def prepare(
+    config: Mapping[str, Any], out: str | Path | None = None, resume: bool = False
+) -> Prepared:
+    """Everything that can fail on bad input, before anything is written."""
+    config = dict(config)
+    out = Path(out or config.get("output") or default_output(config))
+    config["output"] = str(out)
+    device = resolve_device(config["device"])
+    if config["amp"] != "off" and device.type != "cuda" and config["amp"] == "fp16":
+        raise cfg_mod.ConfigError("amp: 'fp16' needs a CUDA device; use 'bf16' or 'off' on the CPU")
+    ckpt = out / "checkpoints"
+    resume_epoch = latest_checkpoint(ckpt) if ckpt.is_dir() else 0
+    if (out / "metrics.json").exists() and not resume:
+        raise RunError(
+            f"{out} already holds a finished run (metrics.json); pass --resume to keep it, "
+            f"or choose another --out"
+        )
+    if resume_epoch and not resume:
+        raise RunError(
+            f"{out} holds checkpoints up to epoch {resume_epoch}; pass --resume to continue "
+            f"that run, or choose another --out"
+        )
+    try:
+        splits = data_mod.load_splits(config["dataset"])
+    except FileNotFoundError as exc:
+        raise cfg_mod.ConfigError(f"dataset.root: {exc}") from None
+    cfg_mod.check_sampler(config, data_mod.labels_of(splits["train"]))
+    return Prepared(config, splits, out, device, resume_epoch)
+
+
+# ---------------------------------------------------------------- building
+
+
+def _with_runtime_kwargs(spec: Any, kind: str, **available: Any) -> Any:
+    """Build ``spec``, passing the ``available`` kwargs that its class accepts."""
+    name, kwargs = registry.parse_spec(spec)
+    cls = registry.get(name, kind)
+    params = registry._parameters(cls) or []
+    extra = {k: v for k, v in available.items() if k in params and k not in kwargs}
+    return registry.build({name: kwargs}, kind, **extra)
+
+
+def build_models(config: Mapping[str, Any], sample: torch.Tensor) -> dict[str, torch.nn.Module]:
+    mcfg = config["model"]
+    trunk = _with_runtime_kwargs(
+        mcfg["trunk"], "models", in_channels=int(sample.shape[0]), image_size=sample.shape[-1]
+    )
+    in_features = getattr(trunk, "output_size", None)
+    if in_features is None:
+        with torch.no_grad():
+            in_features = trunk.eval()(sample[None]).shape[1]
+    embedder = Embedder(in_features, mcfg["embedding_size"], mcfg["embedder"])
+    return {"trunk": trunk, "embedder": embedder}
+
+
+def build_components(config: Mapping[str, Any], splits: Mapping[str, Any]) -> dict[str, Any]:
+    labels = data_mod.labels_of(splits["train"])
+    n_classes = len(np.unique(labels))
+    emb = config["model"]["embedding_size"]
+    loss = _with_runtime_kwargs(config["loss"], "losses", num_classes=n_classes, embedding_size=emb)
+    miner = registry.build(config["miner"], "miners") if config.get("miner") else None
+    sampler = None
+    if config.get("sampler"):
+        sampler = _with_runtime_kwargs(
+            config["sampler"],
+            "samplers",
+            labels=labels,
+            length_before_new_iter=len(labels),
+            batch_size=config["batch_size"],
+        )
+    return {"loss": loss, "miner": miner, "sampler": sampler}
+
+
+def build_optimizers(config: Mapping[str, Any], models: Mapping, loss: torch.nn.Module) -> dict:
+    specs = dict(config.get("optimizers") or {})
+    default = {"Adam": {"lr": 1e-3, "weight_decay": 1e-4}}
+    optimizers = {}
+    for part in ("trunk", "embedder"):
+        params = [p for p in models[part].parameters() if p.requires_grad]
+        if params:
+            optimizers[f"{part}_optimizer"] = registry.build(
+                specs.get(part, default), "optimizers", params=params
+            )
+    loss_params = [p for p in loss.parameters() if p.requires_grad]
+    if loss_params:
+        optimizers["metric_loss_optimizer"] = registry.build(
+            specs.get("loss", {"Adam": {"lr": 1e-2}}), "optimizers", params=loss_params
+        )
+    elif "loss" in specs:
+        raise cfg_mod.ConfigError("optimizers.loss: the loss has no learnable parameters")
+    return optimizers
+
+
+def build_schedulers(config: Mapping[str, Any], optimizers: Mapping) -> dict | None:
+    specs = config.get("lr_schedulers") or {}
+    out = {}
+    for part, spec in specs.items():
+        key = "metric_loss" if part == "loss" else part
+        opt = optimizers.get(f"{key}_optimizer")
+        if opt is not None:
+            out[f"{key}_scheduler_by_epoch"] = registry.build(spec, "lr_schedulers", optimizer=opt)
+    return out or None
+
+
+def make_record_keeper(log_dir: Path, resume: bool):
+    """record-keeper with CSV + SQLite (tensorboard only where installed).
+
+    PML's ``get_record_keeper`` silently turns off all logging and saving when
+    tensorboard is missing; this builds the writer directly and fails loudly.
+    """
+    import record_keeper
+
+    writer = record_keeper.RecordWriter(folder=str(log_dir), is_new_experiment=not resume)
+    tb = None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(log_dir=str(log_dir / "tensorboard"))
+    except ImportError:
+        pass
+    return record_keeper.RecordKeeper(
+        tensorboard_writer=tb,
+        record_writer=writer,
+        attributes_to_search_for=c_f.list_of_recordable_attributes_list_names(),
+    )
+
+
+def make_tester(config: Mapping[str, Any], splits: Mapping, device: torch.device, hook=None):
+    from pytorch_metric_learning.testers import GlobalEmbeddingSpaceTester
+
+    ecfg = config["evaluation"]
+    n_classes = max(len(np.unique(data_mod.labels_of(ds))) for ds in splits.values())
+    clustering = ecfg["clustering"]
+    if clustering == "auto":
+        clustering = n_classes <= CLUSTERING_MAX_CLASSES
+    calc = Calculator(k_values=ecfg["k_values"], clustering=bool(clustering), device=device)
+    return GlobalEmbeddingSpaceTester(
+        batch_size=ecfg["batch_size"],
+        dataloader_num_workers=config["num_workers"],
+        data_device=device,
+        accuracy_calculator=calc,
+        end_of_testing_hook=hook,
+    )
+
+
+def clean_metrics(all_accuracies: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    out = {}
+    for split, accs in all_accuracies.items():
+        out[split] = {
+            k.removesuffix("_level0"): float(v)
+            for k, v in accs.items()
+            if k != "epoch" and isinstance(v, (int, float, np.floating))
+        }
+    return out
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _plugin_states(trainer, sampler) -> dict[str, Any]:
+    states = {}
+    for name, obj in (("trainer", trainer), ("sampler", sampler)):
+        if obj is not None and callable(getattr(obj, "state_dict", None)):
+            states[name] = obj.state_dict()
+    return states
+
+
+def save_checkpoint(trainer, hooks, folder: Path, epoch: int, sampler) -> None:
+    """Models + optimizers of ``epoch``, then the state file that marks it complete."""
+    hooks.save_models(trainer, str(folder), epoch)
+    state = {
+        "epoch": epoch,
+        "rng": {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "pml_numpy": c_f.NUMPY_RANDOM.get_state(),
+            "torch": torch.get_rng_state(),
+        },
+        "plugins": _plugin_states(trainer, sampler),
+    }
+    tmp = folder / f".{STATE_PREFIX}{epoch}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, folder / f"{STATE_PREFIX}{epoch}.pth")
+    previous = epoch - 1
+    if previous > 0:
+        for obj_dict in [getattr(trainer, x, {}) for x in hooks.saveable_trainer_objects]:
+            c_f.delete_dict_of_models(obj_dict, previous, str(folder))
+        (folder / f"{STATE_PREFIX}{previous}.pth").unlink(missing_ok=True)
+
+
+def load_checkpoint(trainer, hooks, folder: Path, epoch: int, device, sampler) -> None:
+    for obj_dict in [getattr(trainer, x, {}) for x in hooks.saveable_trainer_objects]:
+        c_f.load_dict_of_models(obj_dict, epoch, str(folder), device)
+    state = torch.load(folder / f"{STATE_PREFIX}{epoch}.pth", weights_only=False)
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    c_f.NUMPY_RANDOM.set_state(state["rng"]["pml_numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    plugins = state.get("plugins", {})
+    for name, obj in (("trainer", trainer), ("sampler", sampler)):
+        if name in plugins:
+            obj.load_state_dict(plugins[name])
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_revision() -> dict[str, Any] | None:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return {"commit": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def manifest(prep: Prepared, wall_time: float, epochs_run: int) -> dict[str, Any]:
+    device = prep.device
+    return {
+        "pml_plugins": _version("pml-plugins"),
+        "python": sys.version.split()[0],
+        "packages": {
+            d: _version(d)
+            for d in (
+                "torch",
+                "torchvision",
+                "pytorch-metric-learning",
+                "record-keeper",
+                "faiss-cpu",
+                "faiss-gpu-cu12",
+                "numpy",
+            )
+            if _version(d)
+        },
+        "git": git_revision(),
+        "container_image": os.environ.get("PML_PLUGINS_IMAGE"),
+        "seed": prep.config["seed"],
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "wall_time_s": round(wall_time, 3),
+        "epochs": prep.config["epochs"],
+        "epochs_run_this_call": epochs_run,
+        "resumed_from_epoch": prep.resume_epoch,
+        "data_fingerprint": data_mod.fingerprint(prep.splits),
+        "data_sizes": {k: len(v) for k, v in prep.splits.items()},
+    }
+
+
+# ---------------------------------------------------------------- the run
+
+
+def train_and_evaluate(prep: Prepared) -> dict[str, Any]:
+    """Train from a prepared config and write the run folder; returns metrics.json's content."""
+    t0 = time.time()
+    config, splits, out, device = prep.config, prep.splits, prep.out, prep.device
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir, log_dir = out / "checkpoints", out / "logs"
+    ckpt_dir.mkdir(exist_ok=True)
+    cfg_mod.dump(config, out / "config.yaml")
+
+    seed_everything(config["seed"])
+    models = build_models(config, splits["train"][0][0])
+    parts = build_components(config, splits)
+    loss, miner, sampler = parts["loss"], parts["miner"], parts["sampler"]
+    models = {k: m.to(device) for k, m in models.items()}
+    loss = loss.to(device)
+    optimizers = build_optimizers(config, models, loss)
+    schedulers = build_schedulers(config, optimizers)
+
+    from pytorch_metric_learning.utils import logging_presets
+
+    record_keeper = make_record_keeper(log_dir, resume=prep.resume_epoch > 0)
+    hooks = logging_presets.HookContainer(
+        record_keeper, primary_metric="mean_average_precision_at_r", validation_split_name="val"
+    )
+    tester = make_tester(config, splits, device, hook=hooks.end_of_testing_hook)
+    plan = data_mod.eval_plan(config["dataset"]["name"], splits)
+    eval_splits = {k: v for k, v in splits.items() if k != "train"}
+
+    untrained_path = out / "untrained_metrics.json"
+    if untrained_path.exists():
+        untrained = json.loads(untrained_path.read_text())
+    else:
+        tester.test(eval_splits, 0, models["trunk"], models["embedder"], plan)
+        untrained = clean_metrics(tester.all_accuracies)
+        untrained_path.write_text(json.dumps(untrained, indent=2))
+
+    trainer_name, trainer_kwargs = registry.parse_spec(config["trainer"])
+    epochs = config["epochs"]
+    interval = config["evaluation"]["interval"]
+
+    def end_of_epoch(trainer) -> bool:
+        if interval and "val" in splits and trainer.epoch % interval == 0:
+            tester.test(
+                {"val": splits["val"]},
+                trainer.epoch,
+                models["trunk"],
+                models["embedder"],
+                [("val", ["val"])],
+            )
+        record_keeper.save_records()
+        save_checkpoint(trainer, hooks, ckpt_dir, trainer.epoch, sampler)
+        return True
+
+    trainer = registry.build(
+        {trainer_name: trainer_kwargs},
+        "trainers",
+        models=models,
+        optimizers=optimizers,
+        batch_size=config["batch_size"],
+        loss_funcs={"metric_loss": loss},
+        mining_funcs={"tuple_miner": miner} if miner is not None else {},
+        dataset=splits["train"],
+        sampler=sampler,
+        iterations_per_epoch=config.get("iterations_per_epoch"),
+        dataloader_num_workers=config["num_workers"],
+        data_device=device,
+        lr_schedulers=schedulers,
+        freeze_trunk_batchnorm=config["model"]["freeze_bn"],
+        end_of_iteration_hook=hooks.end_of_iteration_hook,
+        end_of_epoch_hook=end_of_epoch,
+    )
+    start_epoch = prep.resume_epoch + 1
+    if prep.resume_epoch:
+        load_checkpoint(trainer, hooks, ckpt_dir, prep.resume_epoch, device, sampler)
+        LOG.info("resuming %s from epoch %d", out, prep.resume_epoch)
+    if start_epoch <= epochs:
+        trainer.train(start_epoch=start_epoch, num_epochs=epochs)
+    record_keeper.save_records()
+
+    tester.test(eval_splits, epochs, models["trunk"], models["embedder"], plan)
+    trained = clean_metrics(tester.all_accuracies)
+    metrics = {
+        "untrained": untrained,
+        "trained": trained,
+        "epochs": epochs,
+        "eval_plan": [[q, refs] for q, refs in plan],
+    }
+    wall = time.time() - t0
+    (out / "manifest.json").write_text(
+        json.dumps(manifest(prep, wall, max(0, epochs - prep.resume_epoch)), indent=2)
+    )
+    tmp = out / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, out / "metrics.json")
+    return metrics
+
+
+def run(
+    config_path: str | Path,
+    out: str | Path | None = None,
+    resume: bool = False,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Load, validate, prepare, train, evaluate: ``pml-plugins train``."""
+    config = cfg_mod.load(config_path, overrides=overrides)
+    prep = prepare(config, out=out, resume=resume)
+    metrics = train_and_evaluate(prep)
+    return prep.out, metrics
+
+
+def format_metrics(metrics: Mapping[str, Any]) -> str:
+    """A plain-text table: one row per metric, untrained vs trained, per evaluated split."""
+    lines = []
+    for split, trained in metrics["trained"].items():
+        untrained = metrics["untrained"].get(split, {})
+        lines.append(f"{split:<34} {'untrained':>10} {'trained':>10}")
+        for name in sorted(trained):
+            before = untrained.get(name, float("nan"))
+            lines.append(f"  {name:<32} {before:>10.4f} {trained[name]:>10.4f}")
+    return "\n".join(lines)

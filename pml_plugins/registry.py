@@ -43,6 +43,21 @@ PML_KINDS = (
 #: every kind the registry knows, in listing order
 KINDS = (*PML_KINDS, "optimizers", "lr_schedulers", "models", "datasets")
 
+SINGULAR = {
+    "losses": "loss",
+    "miners": "miner",
+    "distances": "distance",
+    "reducers": "reducer",
+    "regularizers": "regularizer",
+    "samplers": "sampler",
+    "trainers": "trainer",
+    "testers": "tester",
+    "optimizers": "optimizer",
+    "lr_schedulers": "lr scheduler",
+    "models": "model",
+    "datasets": "dataset",
+}
+
 #: our subpackages, each read through its ``__all__``
 PLUGIN_MODULES = {
     "losses": "pml_plugins.losses",
@@ -141,13 +156,12 @@ def _pml_entries() -> dict[str, Entry]:
 
     table: dict[str, Entry] = {}
     for kind in PML_KINDS:
-        module = importlib.import_module(f"pytorch_metric_learning.{kind}")
+        package = f"pytorch_metric_learning.{kind}"
+        module = importlib.import_module(package)
         for name, cls in _public_classes(module, names=dir(module)).items():
-            if kind != "samplers" and _kind_of(cls) != kind:
-                continue  # helpers re-exported by PML modules (e.g. torch.nn classes)
-            if kind == "samplers" and not issubclass(cls, torch.utils.data.Sampler):
-                continue
-            table[name] = Entry(name, kind, cls, "pml")
+            # keep the classes defined in that subpackage, not re-exported helpers
+            if cls.__module__.startswith(package):
+                table[name] = Entry(name, kind, cls, "pml")
     for name, cls in _public_classes(torch.optim, names=dir(torch.optim)).items():
         if issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer:
             table[name] = Entry(name, "optimizers", cls, "torch")
@@ -220,7 +234,7 @@ def entry(name: str, kind: str | None = None) -> Entry:
         return found
     candidates = [n for n, e in table.items() if kind is None or e.kind == kind]
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
-    what = f"{kind[:-1] if kind and kind.endswith('s') else kind or 'component'}"
+    what = SINGULAR.get(kind, "component") if kind else "component"
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     where = f" ({name!r} is registered, but as a {found.kind[:-1]})" if found is not None else ""
     raise UnknownComponentError(

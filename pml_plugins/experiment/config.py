@@ -48,29 +48,29 @@ def _path(parts: Any) -> str:
     return ".".join(str(p) for p in parts) or "<top level>"
 
 
+def _is_spec_schema(schema: Mapping[str, Any]) -> bool:
+    return str(schema.get("description", "")).startswith("a component")
+
+
 def _schema_error_message(error: jsonschema.ValidationError) -> str:
     where = _path(error.absolute_path)
-    if error.validator == "additionalProperties":
-        allowed = sorted(error.schema.get("properties", {}))
-        extra = sorted(set(error.instance) - set(allowed))
-        return (
-            f"unknown key {'.'.join([where, extra[0]]) if where != '<top level>' else extra[0]!r}"
-            f" ({', '.join(repr(e) for e in extra)} not allowed); allowed keys here: "
-            f"{', '.join(allowed)}"
-        )
-    if error.validator == "enum":
-        return f"{where}: {error.instance!r} is not allowed; use one of {error.validator_value}"
-    if error.validator == "required":
-        return f"{where}: {error.message}"
-    if (
-        error.validator == "oneOf"
-        and "spec" in str(error.schema.get("$ref", ""))
-        or (error.validator == "oneOf" and error.schema.get("description", "").startswith("a comp"))
-    ):
+    if error.validator == "oneOf" and _is_spec_schema(error.schema):
         return (
             f"{where}: {error.instance!r} is not a component spec; write 'Name' or "
             f"{{Name: {{kwargs}}}}"
         )
+    if error.context:
+        return _schema_error_message(jsonschema.exceptions.best_match(error.context))
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        first = extra[0] if where == "<top level>" else f"{where}.{extra[0]}"
+        return (
+            f"unknown key {first!r} ({', '.join(repr(e) for e in extra)} not allowed); "
+            f"allowed keys here: {', '.join(allowed)}"
+        )
+    if error.validator == "enum":
+        return f"{where}: {error.instance!r} is not allowed; use one of {error.validator_value}"
     return f"{where}: {error.message}"
 
 
@@ -94,8 +94,7 @@ def validate(raw: Mapping[str, Any], check_data: bool = True) -> dict[str, Any]:
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(raw), key=lambda e: (len(e.absolute_path), str(e.path)))
     if errors:
-        best = jsonschema.exceptions.best_match(errors)
-        raise ConfigError(f"invalid config: {_schema_error_message(best)}")
+        raise ConfigError(f"invalid config: {_schema_error_message(errors[0])}")
     config = _fill_defaults(schema, copy.deepcopy(dict(raw)))
     _check_components(config)
     if check_data:

@@ -41,6 +41,8 @@ from .models import Embedder
 LOG = logging.getLogger("pml_plugins")
 STATE_PREFIX = "state_"
 CLUSTERING_MAX_CLASSES = 5000
+#: record-keeper logs losses and component stats every LOG_FREQ iterations
+LOG_FREQ = 5
 
 
 class RunError(RuntimeError):
@@ -389,7 +391,10 @@ def train_and_evaluate(prep: Prepared) -> dict[str, Any]:
 
     record_keeper = make_record_keeper(log_dir, resume=prep.resume_epoch > 0)
     hooks = logging_presets.HookContainer(
-        record_keeper, primary_metric="mean_average_precision_at_r", validation_split_name="val"
+        record_keeper,
+        primary_metric="mean_average_precision_at_r",
+        validation_split_name="val",
+        log_freq=LOG_FREQ,
     )
     tester = make_tester(config, splits, device, hook=hooks.end_of_testing_hook)
     plan = data_mod.eval_plan(config["dataset"]["name"], splits)

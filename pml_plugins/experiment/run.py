@@ -35,6 +35,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from .. import registry
 from . import config as cfg_mod
 from . import data as data_mod
+from .amp import enable_amp
 from .evaluate import Calculator
 from .models import Embedder
 
@@ -383,6 +384,8 @@ def train_and_evaluate(prep: Prepared) -> dict[str, Any]:
     parts = build_components(config, splits)
     loss, miner, sampler = parts["loss"], parts["miner"], parts["sampler"]
     models = {k: m.to(device) for k, m in models.items()}
+    if config["channels_last"]:
+        models["trunk"] = models["trunk"].to(memory_format=torch.channels_last)
     loss = loss.to(device)
     optimizers = build_optimizers(config, models, loss)
     schedulers = build_schedulers(config, optimizers)
@@ -443,6 +446,7 @@ def train_and_evaluate(prep: Prepared) -> dict[str, Any]:
         end_of_iteration_hook=hooks.end_of_iteration_hook,
         end_of_epoch_hook=end_of_epoch,
     )
+    enable_amp(trainer, device, config["amp"])
     start_epoch = prep.resume_epoch + 1
     if prep.resume_epoch:
         load_checkpoint(trainer, hooks, ckpt_dir, prep.resume_epoch, device, sampler)

@@ -1,0 +1,199 @@
+"""NRA: similarities from nonlinear rank approximations."""
+
+from __future__ import annotations
+
+import torch
+from pytorch_metric_learning.distances import BaseDistance, LpDistance
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.reducers import MeanReducer
+from pytorch_metric_learning.utils import common_functions as c_f
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+
+def transfer(r: torch.Tensor, alpha: float) -> torch.Tensor:
+    r"""The NRA transfer function :math:`w(r; \alpha)` (paper eq. 10), for ranks in [0, 1].
+
+    .. math::
+        w(r;\alpha) = \tfrac12 (2r)^\alpha \text{ for } r < \tfrac12, \qquad
+        w(r;\alpha) = 1 - \tfrac12 (2(1-r))^\alpha \text{ for } r \ge \tfrac12
+
+    Continuous, :math:`w(\tfrac12) = \tfrac12`, slope :math:`\alpha` at :math:`\tfrac12`,
+    :math:`w(r; 1) = r`. ``r`` is clamped to [0, 1], keeping the gradient at the bounds
+    themselves (where the ranks of saturated anchors sit). For ``alpha < 1`` the base of
+    the power is kept above the smallest normal number so that gradients stay finite at 0
+    and 1.
+    """
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    r = torch.where(r < 0, 0, torch.where(r > 1, 1, r))
+    low, high = 2 * r, 2 * (1 - r)
+    if alpha < 1:
+        tiny = torch.finfo(r.dtype).tiny
+        low, high = low.clamp_min(tiny), high.clamp_min(tiny)
+    return torch.where(r < 0.5, 0.5 * low.pow(alpha), 1 - 0.5 * high.pow(alpha))
+
+
+class NRALoss(BaseMetricLossFunction):
+    r"""Nonlinear Rank Approximation (NRA) loss.
+
+    Paper: K. Schall, K. U. Barthel, N. Hezel, K. Jung, "Deep Metric Learning using
+    Similarities from Nonlinear Rank Approximations", IEEE MMSP 2019 (arXiv:1909.09427).
+
+    Every sample ``i`` of ``embeddings`` is an anchor; its candidates are the reference set
+    (the batch itself, without ``i``, when ``ref_emb`` is None). With :math:`\mathcal{P}_i`
+    its positives, :math:`\mathcal{N}_i` its negatives, :math:`\mathcal{S}_i` their union
+    and :math:`D` the distances:
+
+    .. math::
+        D_{i,\min} = \min_{\mathcal{S}_i} D_{ij},\ D_{i,\max} = \max_{\mathcal{S}_i} D_{ij},\
+        r^+_i = \frac{\max_{\mathcal{P}_i} D_{ij} - D_{i,\min}}{D_{i,\max} - D_{i,\min}+\epsilon},\
+        r^-_i = \frac{\min_{\mathcal{N}_i} D_{ij} - D_{i,\min}}{D_{i,\max} - D_{i,\min}+\epsilon}
+
+    .. math::
+        \ell_i = -\log\bigl(1 - w(r^+_i;\alpha) + \epsilon\bigr)
+                 - \log\bigl(w(r^-_i;\alpha) + \epsilon\bigr)
+
+    i.e. the paper's eq. (13) term :math:`-\log(s^+_i+\epsilon) - \log(1-s^-_i+\epsilon)` with
+    :math:`s = 1 - w(r)`; ``w`` is :func:`transfer`. The loss is the mean of
+    :math:`\ell_i` over anchors.
+
+    Args:
+        alpha: slope of the transfer function at r = 1/2 (paper: 4).
+        eps: the paper's epsilon inside both logs (paper: 1e-4, which caps a term at
+            -log(eps) ~ 9.21); also added to the rank denominator.
+        detach_normalizers: treat :math:`D_{i,\min}` and :math:`D_{i,\max}` as constants.
+            Under the literal formula an anchor whose nearest candidate is its closest
+            negative (r- = 0) or whose farthest candidate is its farthest positive
+            (r+ ~ 1) sits at the maximum -log(eps) with exactly zero gradient; detached
+            normalisers give it a gradient.
+
+    Default distance: ``LpDistance(normalize_embeddings=False)``, Euclidean distance of
+    the unnormalised embeddings (as in the paper). For an inverted distance (a similarity)
+    the ranks are taken on the negated similarity, i.e. most similar = rank 0.
+
+    Default reducer: ``MeanReducer``. Reducer input: one loss per anchor (reduction type
+    ``element``), for the anchors that have a positive or a negative; the mean over them is
+    the paper's :math:`\frac1m\sum_i`.
+
+    ``indices_tuple``: if given (pairs, or triplets turned into pairs), the positive and
+    negative sets are restricted to the mined pairs, and so is :math:`\mathcal{S}_i`
+    (their union, as in the paper). ``ref_emb``/``ref_labels``: anchors come from
+    ``embeddings``, candidates from the reference set.
+
+    Paper vs project: the ranks, the transfer function, eq. (13), alpha = 4, eps = 1e-4,
+    all samples as anchors and unnormalised distances are the paper's. Project decisions:
+    eps in the rank denominator; an anchor without a positive skips the positive term, one
+    without a negative skips the negative term, and a batch where no anchor has either gives
+    zero; ``detach_normalizers`` (off by default, literal formula); restriction to mined
+    pairs; :math:`1 - s^- = w(r^-)` computed directly; the arithmetic is done in float32 at
+    least.
+
+    Stats: ``mean_pos_rank`` (mean r+), ``mean_neg_rank`` (mean r-) and ``frac_saturated``,
+    the fraction of anchors with r- = 0 or with their farthest candidate a positive (r+ at
+    its maximum).
+    """
+
+    def __init__(
+        self, alpha: float = 4.0, eps: float = 1e-4, detach_normalizers: bool = False, **kwargs
+    ) -> None:
+        super().__init__(**kwargs)
+        if alpha <= 0:
+            raise ValueError(f"NRALoss needs alpha > 0, got alpha={alpha}")
+        self.alpha = float(alpha)
+        self.eps = float(eps)
+        self.detach_normalizers = detach_normalizers
+        self.add_to_recordable_attributes(list_of_names=["alpha", "eps"], is_stat=False)
+        self.add_to_recordable_attributes(
+            list_of_names=["mean_pos_rank", "mean_neg_rank", "frac_saturated"], is_stat=True
+        )
+
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None,
+        indices_tuple: tuple[torch.Tensor, ...] | None,
+        ref_emb: torch.Tensor,
+        ref_labels: torch.Tensor | None,
+    ) -> dict:
+        c_f.labels_or_indices_tuple_required(labels, indices_tuple)
+        pos_mask, neg_mask = self.pair_masks(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        has_pos, has_neg = pos_mask.any(dim=1), neg_mask.any(dim=1)
+        anchors = torch.where(has_pos | has_neg)[0]
+        if len(anchors) == 0:
+            return self.zero_losses()
+
+        dist = self.distance(embeddings, ref_emb)
+        if dist.dtype in (torch.float16, torch.bfloat16):
+            dist = dist.float()
+        if self.distance.is_inverted:
+            dist = -dist
+        pos_mask, neg_mask, dist = pos_mask[anchors], neg_mask[anchors], dist[anchors]
+        has_pos, has_neg = has_pos[anchors], has_neg[anchors]
+        cand_mask = pos_mask | neg_mask
+
+        d_min = masked_min(dist, cand_mask)
+        d_max = masked_max(dist, cand_mask)
+        pos_max = masked_max(dist, pos_mask)
+        neg_min = masked_min(dist, neg_mask)
+        if self.detach_normalizers:
+            d_min, d_max = d_min.detach(), d_max.detach()
+        denom = d_max - d_min + self.eps
+        pos_rank = (pos_max - d_min) / denom
+        neg_rank = (neg_min - d_min) / denom
+
+        pos_term = -torch.log(1 - transfer(pos_rank, self.alpha) + self.eps)
+        neg_term = -torch.log(transfer(neg_rank, self.alpha) + self.eps)
+        losses = torch.where(has_pos, pos_term, 0) + torch.where(has_neg, neg_term, 0)
+
+        if self.collect_stats:
+            with torch.no_grad():
+                self.mean_pos_rank = pos_rank[has_pos].mean().item() if has_pos.any() else 0.0
+                self.mean_neg_rank = neg_rank[has_neg].mean().item() if has_neg.any() else 0.0
+                saturated = (has_neg & (neg_min == d_min)) | (has_pos & (pos_max == d_max))
+                self.frac_saturated = saturated.float().mean().item()
+
+        return {"loss": {"losses": losses, "indices": anchors, "reduction_type": "element"}}
+
+    @staticmethod
+    def pair_masks(
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None,
+        indices_tuple: tuple[torch.Tensor, ...] | None,
+        ref_emb: torch.Tensor,
+        ref_labels: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boolean (num anchors, num candidates) masks of positives and negatives."""
+        shape = (len(embeddings), len(ref_emb))
+        if indices_tuple is None:
+            pos_mask, neg_mask = lmu.get_matches_and_diffs(labels, ref_labels)
+            return pos_mask.bool(), neg_mask.bool()
+        a1, p, a2, n = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
+        device = embeddings.device
+        pos_mask = torch.zeros(shape, dtype=torch.bool, device=device)
+        neg_mask = torch.zeros(shape, dtype=torch.bool, device=device)
+        pos_mask[a1, p] = True
+        neg_mask[a2, n] = True
+        if (pos_mask & neg_mask).any():
+            raise ValueError("indices_tuple holds a pair that is both positive and negative")
+        return pos_mask, neg_mask
+
+    def get_default_distance(self) -> BaseDistance:
+        return LpDistance(normalize_embeddings=False, p=2, power=1)
+
+    def get_default_reducer(self) -> MeanReducer:
+        return MeanReducer()
+
+
+def masked_min(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Row-wise minimum over ``mask``; rows with an empty mask get a finite constant.
+
+    ``amin`` splits the gradient evenly among tied minima (``min(dim)`` would pick one).
+    """
+    fill = x.detach().max() + 1 if x.numel() > 0 else 0.0
+    return x.masked_fill(~mask, fill).amin(dim=1)
+
+
+def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Row-wise maximum over ``mask``; rows with an empty mask get a finite constant."""
+    fill = x.detach().min() - 1 if x.numel() > 0 else 0.0
+    return x.masked_fill(~mask, fill).amax(dim=1)

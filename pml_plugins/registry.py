@@ -287,8 +287,15 @@ def is_spec(value: Any) -> bool:
     )
 
 
+def names_component(value: Any) -> bool:
+    """A plain string under a nested key names a component when it is registered or
+    looks like a class name (so a typo fails loudly); other strings (e.g. MetrixLoss's
+    ``loss="contrastive"``) pass through unchanged."""
+    return isinstance(value, str) and (value in _table() or value[:1].isupper())
+
+
 def _resolve(key: str | None, value: Any) -> Any:
-    if isinstance(value, str) and key in NESTED_KEYS:
+    if key in NESTED_KEYS and names_component(value):
         return build(value)
     if is_spec(value):
         return build(value)

@@ -144,3 +144,10 @@ def test_runtime_register():
         assert registry.entry("LocalLoss").kind == "losses"
     finally:
         registry.refresh()
+
+
+def test_lowercase_string_under_nested_key_passes_through():
+    assert registry._resolve("loss", "contrastive") == "contrastive"
+    with pytest.raises(registry.UnknownComponentError):
+        registry._resolve("loss", "ContrastiveLos")
+    assert isinstance(registry._resolve("loss", "ContrastiveLoss"), losses.ContrastiveLoss)

@@ -131,7 +131,7 @@ def _check_spec(key: str, spec: Any, kind: str) -> None:
                 f"{name} takes: {', '.join(p for p in params if p not in SAMPLER_RUNTIME_KWARGS)}"
             )
     for sub_key, value in kwargs.items():
-        if isinstance(value, str) and sub_key in registry.NESTED_KEYS:
+        if sub_key in registry.NESTED_KEYS and registry.names_component(value):
             _check_spec(f"{key}.{name}.{sub_key}", value, None)
         elif isinstance(value, Mapping) and len(value) == 1:
             (inner,) = value

@@ -1,0 +1,19 @@
+"""pml-plugins losses: PML-compatible components, each importable by name."""
+
+from .gradml import GradMLLoss
+from .loop import LoOpLoss
+from .metrix import MetrixLoss
+from .nra import NRALoss
+from .soft_contrastive import SoftContrastiveLoss
+from .soft_multi_similarity import SoftMultiSimilarityLoss
+from .soft_proxy_anchor import SoftProxyAnchorLoss
+
+__all__: list[str] = [
+    "GradMLLoss",
+    "LoOpLoss",
+    "NRALoss",
+    "MetrixLoss",
+    "SoftContrastiveLoss",
+    "SoftMultiSimilarityLoss",
+    "SoftProxyAnchorLoss",
+]

@@ -11,6 +11,7 @@ Every error is a ``ConfigError`` naming the key path, the bad value and what is 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,14 @@ class ConfigError(ValueError):
     """An experiment config that cannot run; the message says where and how to fix it."""
 
 
+@functools.cache
+def _schema_text() -> str:
+    return SCHEMA_PATH.read_text()
+
+
 def load_schema() -> dict[str, Any]:
-    with open(SCHEMA_PATH) as f:
-        return yaml.safe_load(f)
+    """The experiment JSON Schema (a fresh copy; the file is read once)."""
+    return yaml.safe_load(_schema_text())
 
 
 def _path(parts: Any) -> str:
@@ -196,10 +202,13 @@ def check_sampler(config: Mapping[str, Any], labels: np.ndarray) -> None:
                 f"classes per batch but the training split has {len(counts)}; lower batch_size "
                 f"or raise m"
             )
-        if m > counts.min():
+        if m > counts.min() and not config.get("allow_repeated_samples", False):
+            small = int((counts < m).sum())
             raise ConfigError(
                 f"sampler.{name}.m: m={m} is larger than the smallest training class "
-                f"({counts.min()} samples); use m <= {counts.min()}"
+                f"({counts.min()} samples; {small} of {len(counts)} classes have fewer than "
+                f"m); use m <= {counts.min()}, or set allow_repeated_samples: true to let the "
+                f"sampler repeat images"
             )
     classes = kwargs.get("classes_per_batch")
     if classes is not None and classes > len(counts):

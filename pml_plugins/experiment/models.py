@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["SmallCNN"]
+from .backbones import GoogLeNet, ResNet50
+
+__all__ = ["SmallCNN", "ResNet50", "GoogLeNet"]
 
 
 class SmallCNN(nn.Module):

@@ -26,6 +26,7 @@ LOSSES = {
     "NRALoss": "NRALoss",
     "LoOpLoss": "LoOpLoss",
     "MetrixLoss (embed, MS)": {"MetrixLoss": {"loss": "multi_similarity", "mode": "embed"}},
+    "MetrixLoss (embed, contrastive)": {"MetrixLoss": {"loss": "contrastive", "mode": "embed"}},
 }
 REFERENCE = "MultiSimilarityLoss (PML)"
 

@@ -84,7 +84,12 @@ class SoftProxyAnchorLoss(ProxyAnchorLoss):
     def _loss_dict(
         self, embeddings: torch.Tensor, y: torch.Tensor, miner_weights: torch.Tensor | float
     ) -> dict:
-        cos = self.get_logits(embeddings)
+        return self.logits_loss_dict(self.get_logits(embeddings), y, miner_weights)
+
+    def logits_loss_dict(
+        self, cos: torch.Tensor, y: torch.Tensor, miner_weights: torch.Tensor | float = 0
+    ) -> dict:
+        """The loss dict from ``cos`` = ``distance(embeddings, proxies)`` (N, num_classes)."""
         y = y.to(cos)
         pos_exp = self.distance.margin(cos, self.margin)
         neg_exp = self.distance.margin(-self.margin, cos)

@@ -379,3 +379,16 @@ def test_registry_builds_metrix_with_an_inner_loss_spec():
     assert isinstance(loss, MetrixLoss) and isinstance(loss.loss, SoftContrastiveLoss)
     assert loss.weight == 0.3 and loss.loss.neg_margin == 0.5
     assert registry.get("SoftProxyAnchorLoss") is SoftProxyAnchorLoss
+
+
+def test_proxy_anchor_shape_is_taken_from_runtime_arguments():
+    from pml_plugins import registry
+
+    metrix = registry.build(
+        {"MetrixLoss": {"loss": "proxy_anchor"}}, num_classes=7, embedding_size=5
+    )
+    assert tuple(metrix.loss.proxies.shape) == (7, 5)
+    ms = registry.build(
+        {"MetrixLoss": {"loss": "multi_similarity"}}, num_classes=7, embedding_size=5
+    )
+    assert not hasattr(ms.loss, "proxies")

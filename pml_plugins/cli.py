@@ -39,8 +39,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     out, metrics = run_mod.run(
         args.config, out=args.out, resume=args.resume, overrides=_parse_set(args.set)
     )
-    print(run_mod.format_metrics(metrics))
-    print(f"run folder: {out}")
+    if metrics:  # empty on the non-main ranks of a distributed run
+        print(run_mod.format_metrics(metrics))
+        print(f"run folder: {out}")
     return 0
 
 

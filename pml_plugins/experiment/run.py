@@ -35,6 +35,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from .. import registry
 from . import config as cfg_mod
 from . import data as data_mod
+from . import distributed
 from .amp import enable_amp
 from .evaluate import Calculator
 from .models import Embedder
@@ -374,10 +375,17 @@ def train_and_evaluate(prep: Prepared) -> dict[str, Any]:
     """Train from a prepared config and write the run folder; returns metrics.json's content."""
     t0 = time.time()
     config, splits, out, device = prep.config, prep.splits, prep.out, prep.device
-    out.mkdir(parents=True, exist_ok=True)
+    # distributed: join torchrun's process group; only rank 0 (`main`) writes and evaluates
+    ctx = distributed.Context(device=device)
+    if config["distributed"]:
+        ctx = distributed.init_from_env(device)
+        device = prep.device = ctx.device
+    main = ctx.is_main
     ckpt_dir, log_dir = out / "checkpoints", out / "logs"
-    ckpt_dir.mkdir(exist_ok=True)
-    cfg_mod.dump(config, out / "config.yaml")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt_dir.mkdir(exist_ok=True)
+        cfg_mod.dump(config, out / "config.yaml")
 
     seed_everything(config["seed"])
     models = build_models(config, splits["train"][0][0])
@@ -392,19 +400,21 @@ def train_and_evaluate(prep: Prepared) -> dict[str, Any]:
 
     from pytorch_metric_learning.utils import logging_presets
 
-    record_keeper = make_record_keeper(log_dir, resume=prep.resume_epoch > 0)
+    record_keeper = make_record_keeper(log_dir, resume=prep.resume_epoch > 0) if main else None
     hooks = logging_presets.HookContainer(
         record_keeper,
         primary_metric="mean_average_precision_at_r",
         validation_split_name="val",
         log_freq=LOG_FREQ,
     )
-    tester = make_tester(config, splits, device, hook=hooks.end_of_testing_hook)
+    tester = make_tester(config, splits, device, hook=hooks.end_of_testing_hook) if main else None
     plan = data_mod.eval_plan(config["dataset"]["name"], splits)
     eval_splits = {k: v for k, v in splits.items() if k != "train"}
 
     untrained_path = out / "untrained_metrics.json"
-    if untrained_path.exists():
+    if not main:
+        untrained = {}
+    elif untrained_path.exists():
         untrained = json.loads(untrained_path.read_text())
     else:
         tester.test(eval_splits, 0, models["trunk"], models["embedder"], plan)
@@ -416,6 +426,8 @@ def train_and_evaluate(prep: Prepared) -> dict[str, Any]:
     interval = config["evaluation"]["interval"]
 
     def end_of_epoch(trainer) -> bool:
+        if not main:
+            return True
         if interval and "val" in splits and trainer.epoch % interval == 0:
             tester.test(
                 {"val": splits["val"]},
@@ -443,7 +455,7 @@ def train_and_evaluate(prep: Prepared) -> dict[str, Any]:
         data_device=device,
         lr_schedulers=schedulers,
         freeze_trunk_batchnorm=config["model"]["freeze_bn"],
-        end_of_iteration_hook=hooks.end_of_iteration_hook,
+        end_of_iteration_hook=hooks.end_of_iteration_hook if main else None,
         end_of_epoch_hook=end_of_epoch,
     )
     enable_amp(trainer, device, config["amp"])
@@ -451,8 +463,12 @@ def train_and_evaluate(prep: Prepared) -> dict[str, Any]:
     if prep.resume_epoch:
         load_checkpoint(trainer, hooks, ckpt_dir, prep.resume_epoch, device, sampler)
         LOG.info("resuming %s from epoch %d", out, prep.resume_epoch)
+    distributed.wrap_trainer(trainer, ctx, seed=config["seed"], epoch=prep.resume_epoch)
     if start_epoch <= epochs:
         trainer.train(start_epoch=start_epoch, num_epochs=epochs)
+    if not main:
+        distributed.finish()
+        return {}
     record_keeper.save_records()
 
     tester.test(eval_splits, epochs, models["trunk"], models["embedder"], plan)
@@ -464,12 +480,14 @@ def train_and_evaluate(prep: Prepared) -> dict[str, Any]:
         "eval_plan": [[q, refs] for q, refs in plan],
     }
     wall = time.time() - t0
-    (out / "manifest.json").write_text(
-        json.dumps(manifest(prep, wall, max(0, epochs - prep.resume_epoch)), indent=2)
-    )
+    info = manifest(prep, wall, max(0, epochs - prep.resume_epoch))
+    info["world_size"] = ctx.world_size
+    (out / "manifest.json").write_text(json.dumps(info, indent=2))
     tmp = out / ".metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))
     os.replace(tmp, out / "metrics.json")
+    if config["distributed"]:
+        distributed.finish()
     return metrics
 
 
@@ -489,7 +507,7 @@ def run(
 def format_metrics(metrics: Mapping[str, Any]) -> str:
     """A plain-text table: one row per metric, untrained vs trained, per evaluated split."""
     lines = []
-    for split, trained in metrics["trained"].items():
+    for split, trained in metrics.get("trained", {}).items():
         untrained = metrics["untrained"].get(split, {})
         lines.append(f"{split:<34} {'untrained':>10} {'trained':>10}")
         for name in sorted(trained):

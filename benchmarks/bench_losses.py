@@ -68,7 +68,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512])
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 512])
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = {}
     for label, spec in LOSSES.items():

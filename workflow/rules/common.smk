@@ -1,0 +1,81 @@
+# Helpers: the grid's cells, validated once at load time (pml_plugins.experiment.grid).
+
+import json
+
+from pml_plugins.experiment import grid as grid_mod
+
+try:
+    CELLS = grid_mod.validate_grid(
+        config, schema_path=workflow.source_path("../schemas/config.schema.yaml")
+    )
+except grid_mod.GridError as exc:
+    raise WorkflowError(f"invalid grid config: {exc}") from None
+
+RUNS = config["runs_dir"].rstrip("/")
+RESULTS = config["results_dir"].rstrip("/")
+CONTAINER = config["container"]
+
+
+wildcard_constraints:
+    dataset="[A-Za-z0-9_]+",
+    loss="[A-Za-z0-9][A-Za-z0-9_.+-]*",
+    dim="[0-9]+",
+    seed="[0-9]+",
+
+
+def run_file(name):
+    """A file of a cell's run folder, as a pattern: <runs_dir>/<dataset>/<loss>/<dim>/seed<k>/name."""
+    return f"{RUNS}/{{dataset}}/{{loss}}/{{dim}}/seed{{seed}}/{name}"
+
+
+def cell_of(wildcards):
+    return CELLS[grid_mod.cell_path(wildcards.dataset, wildcards.loss, wildcards.dim, wildcards.seed)]
+
+
+def cell_json(wildcards):
+    return json.dumps(cell_of(wildcards), sort_keys=True)
+
+
+def gpus_of(wildcards):
+    return 1 if grid_mod.uses_gpu(cell_of(wildcards)) else 0
+
+
+def launcher(wildcards):
+    """GPU cells take a free GPU from the lock-file pool (pml_plugins.experiment.gpu_pool)."""
+    return "python -m pml_plugins.experiment.gpu_pool" if gpus_of(wildcards) else ""
+
+
+def all_metrics():
+    return [f"{RUNS}/{path}/metrics.json" for path in CELLS]
+
+
+def paper_numbers():
+    return [config["paper_numbers"]] if config.get("paper_numbers") else []
+
+
+def aggregate_outputs():
+    """runs.csv, summary.csv and per data set the table and plots, each marked for the report."""
+    out = {
+        "csv": report(f"{RESULTS}/runs.csv", caption="../report/runs.rst", category="Tables"),
+        "summary": report(
+            f"{RESULTS}/summary.csv", caption="../report/summary.rst", category="Tables"
+        ),
+    }
+    files = {
+        "table": ("table.md", "table.rst", "Tables"),
+        "recall": ("recall_at_k.png", "recall_at_k.rst", "Recall@K"),
+        "heatmap_map": ("heatmap_map_at_r.png", "heatmap.rst", "Heatmaps"),
+        "heatmap_r1": ("heatmap_recall_at_1.png", "heatmap.rst", "Heatmaps"),
+        "curves": ("training_curves.png", "training_curves.rst", "Training curves"),
+    }
+    if 2 in config["embedding_sizes"]:
+        files["scatter"] = ("scatter_2d.png", "scatter_2d.rst", "2-D embeddings")
+    for dataset in config["datasets"]:
+        for key, (name, caption, category) in files.items():
+            out[f"{key}_{dataset}"] = report(
+                f"{RESULTS}/{dataset}/{name}",
+                caption=f"../report/{caption}",
+                category=category,
+                subcategory=dataset,
+            )
+    return out

@@ -1,0 +1,28 @@
+# One experiment per cell, through the same `pml-plugins train` a user runs. The job first
+# writes the cell's config (from params, so that an edited grid reruns the cells it
+# changed; a run folder holding another config is cleared), then trains with --resume.
+
+
+rule train:
+    """Train and evaluate one cell; --resume continues a killed run from its last epoch."""
+    output:
+        cfg=run_file("cell.yaml"),
+        metrics=run_file("metrics.json"),
+        manifest=run_file("manifest.json"),
+    log:
+        run_file("train.log"),
+    benchmark:
+        run_file("benchmark.tsv")
+    params:
+        cell=cell_json,
+        out=lambda wildcards, output: os.path.dirname(output.metrics),
+        launcher=launcher,
+    threads: config["threads"]
+    resources:
+        gpu=gpus_of,
+    container: CONTAINER
+    shell:
+        "python -m pml_plugins.experiment.grid {output.cfg} {params.cell:q} >> {log} 2>&1 && "
+        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} "
+        "{params.launcher} pml-plugins train {output.cfg} --out {params.out} --resume "
+        ">> {log} 2>&1"

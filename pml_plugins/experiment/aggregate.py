@@ -10,6 +10,7 @@
     RESULTS/<dataset>/heatmap_recall_at_1.png  loss x embedding size, R@1
     RESULTS/<dataset>/training_curves.png      total loss per iteration (record-keeper logs)
     RESULTS/<dataset>/scatter_2d.png           test embeddings of the 2-D runs
+    RESULTS/<dataset>/runs/<loss>/<dim>/seed<k>/{config.yaml,manifest.json}  provenance
 
 A run folder is any folder below RUNS holding ``metrics.json`` and ``config.yaml``. Its
 loss label is the folder name two levels up when the folder follows the workflow's
@@ -636,6 +637,21 @@ def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, A
     return path
 
 
+def copy_provenance(runs: Sequence[Run], folder: Path) -> list[Path]:
+    """Each run's merged config and manifest, under ``folder/runs/<loss>/<dim>/seed<k>/``,
+    so that every number in the tables can be traced to the config and versions that made it."""
+    written = []
+    for run in runs:
+        target = folder / "runs" / run.loss / str(run.embedding_size) / f"seed{run.seed}"
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("config.yaml", "manifest.json"):
+            source = run.path / name
+            if source.is_file():
+                (target / name).write_bytes(source.read_bytes())
+                written.append(target / name)
+    return written
+
+
 def aggregate(
     runs_dir: str | Path,
     out_dir: str | Path,
@@ -670,6 +686,7 @@ def aggregate(
         ):
             written.append(plot_heatmap(summary, dataset, split, metric, folder / name))
         written.append(plot_training_curves(runs, dataset, folder / "training_curves.png"))
+        written.extend(copy_provenance([r for r in runs if r.dataset == dataset], folder))
         scatter = plot_scatter_2d(runs, dataset, folder / "scatter_2d.png")
         if scatter is not None:
             written.append(scatter)

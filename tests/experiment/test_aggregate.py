@@ -319,3 +319,15 @@ def test_scatter_embeds_the_test_split_from_the_checkpoint(tmp_path):
     assert scatter in written
     with Image.open(scatter) as img:
         assert img.size[0] >= 300 and len(np.unique(np.asarray(img.convert("L")))) > 10
+
+
+def test_each_runs_config_is_copied_beside_the_tables(runs, tmp_path):
+    out = tmp_path / "r"
+    written = agg.aggregate(runs, out)
+    copied = out / "digits" / "runs" / "NRA" / "64" / "seed2" / "config.yaml"
+    assert copied in written
+    assert (
+        copied.read_bytes()
+        == (runs / "digits" / "NRA" / "64" / "seed2" / "config.yaml").read_bytes()
+    )
+    assert len(list((out / "digits" / "runs").rglob("config.yaml"))) == 6

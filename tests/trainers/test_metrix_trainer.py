@@ -17,13 +17,7 @@ MS = {"alpha": 17.97, "beta": 75.66, "base": 0.77}
 N_CLASSES = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread avoids oversubscribing a shared CPU (25x faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def digits(n_per_class: int = 40) -> tuple[torch.Tensor, torch.Tensor]:

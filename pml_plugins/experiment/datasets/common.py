@@ -184,3 +184,27 @@ def layout_error(
 def is_empty_or_missing(root: str | Path) -> bool:
     root = Path(root)
     return not root.exists() or (root.is_dir() and not any(root.iterdir()))
+
+
+def check_archive_root(
+    root: str | Path | None,
+    download: bool,
+    *,
+    name: str,
+    folder: str,
+    required: Sequence[str],
+    layout: str,
+    source: str,
+) -> None:
+    """Check a data set that extracts into one ``folder`` holding ``required`` files.
+
+    ``dataset.root`` may name that folder or its parent (see :func:`find_data_dir`); an
+    empty or missing root is fine when ``download`` is on (PML downloads into it).
+    """
+    if root is not None and download and is_empty_or_missing(root):
+        return
+    data_dir = find_data_dir(root, folder, required[0]) if root is not None else None
+    base = data_dir if data_dir is not None else (Path(root) / folder if root else None)
+    missing = [r for r in required if base is None or not (base / r).exists()]
+    if missing:
+        raise layout_error(name, root, missing, layout, source, download_hint=not download)

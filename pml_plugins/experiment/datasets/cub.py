@@ -15,8 +15,8 @@ from .common import (
     DatasetFormatError,
     RGBImages,
     as_int,
+    check_archive_root,
     find_data_dir,
-    is_empty_or_missing,
     layout_error,
     read_table,
 )
@@ -37,13 +37,9 @@ REQUIRED = ("images.txt", "image_class_labels.txt", "images")
 
 
 def check_root(root: str | Path | None, download: bool = False) -> None:
-    if root is not None and download and is_empty_or_missing(root):
-        return  # PML downloads into an empty or missing folder
-    data_dir = find_data_dir(root, FOLDER, "images.txt") if root is not None else None
-    base = data_dir if data_dir is not None else (Path(root) / FOLDER if root else None)
-    missing = [r for r in REQUIRED if base is None or not (base / r).exists()]
-    if missing:
-        raise layout_error(NAME, root, missing, LAYOUT, SOURCE, download_hint=not download)
+    check_archive_root(
+        root, download, name=NAME, folder=FOLDER, required=REQUIRED, layout=LAYOUT, source=SOURCE
+    )
 
 
 class CUB200(RGBImages, CUB):

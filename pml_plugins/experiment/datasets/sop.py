@@ -15,8 +15,8 @@ from pytorch_metric_learning.datasets import StanfordOnlineProducts
 from .common import (
     RGBImages,
     as_int,
+    check_archive_root,
     find_data_dir,
-    is_empty_or_missing,
     layout_error,
     read_table,
 )
@@ -39,13 +39,9 @@ COLUMNS = ("image_id", "class_id", "super_class_id", "path")
 
 
 def check_root(root: str | Path | None, download: bool = False) -> None:
-    if root is not None and download and is_empty_or_missing(root):
-        return
-    data_dir = find_data_dir(root, FOLDER, "Ebay_train.txt") if root is not None else None
-    base = data_dir if data_dir is not None else (Path(root) / FOLDER if root else None)
-    missing = [r for r in REQUIRED if base is None or not (base / r).exists()]
-    if missing:
-        raise layout_error(NAME, root, missing, LAYOUT, SOURCE, download_hint=not download)
+    check_archive_root(
+        root, download, name=NAME, folder=FOLDER, required=REQUIRED, layout=LAYOUT, source=SOURCE
+    )
 
 
 class StanfordOnlineProductsRGB(RGBImages, StanfordOnlineProducts):

@@ -26,6 +26,10 @@ LOSSES = {
     "NRALoss": "NRALoss",
     "LoOpLoss": "LoOpLoss",
     "MetrixLoss (embed, MS)": {"MetrixLoss": {"loss": "multi_similarity", "mode": "embed"}},
+    # in feature/input mode the loss itself computes only the clean part (the trainer mixes)
+    "MetrixLoss clean part (MS + miner)": {
+        "MetrixLoss": {"loss": "multi_similarity", "mode": "feature"}
+    },
     "MetrixLoss (embed, contrastive)": {"MetrixLoss": {"loss": "contrastive", "mode": "embed"}},
 }
 REFERENCE = "MultiSimilarityLoss (PML)"

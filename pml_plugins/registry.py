@@ -317,7 +317,7 @@ def build(spec: Any, kind: str | None = None, **extra: Any) -> Any:
     try:
         return cls(**resolved)
     except TypeError as exc:
-        params = _parameters(cls)
+        params = constructor_arguments(cls)
         unknown = sorted(set(resolved) - set(params)) if params is not None else []
         if unknown:
             raise TypeError(
@@ -327,13 +327,7 @@ def build(spec: Any, kind: str | None = None, **extra: Any) -> Any:
         raise TypeError(f"{name}({_fmt(resolved)}) failed: {exc}") from exc
 
 
-def accepts(cls: type, arg: str) -> bool:
-    """Whether ``cls.__init__`` takes the keyword ``arg`` (directly or through **kwargs)."""
-    params = _parameters(cls)
-    return params is None or arg in params
-
-
-def _parameters(cls: type) -> list[str] | None:
+def constructor_arguments(cls: type) -> list[str] | None:
     """Explicit keyword names of ``cls``'s constructor chain; None if it takes anything."""
     names_: list[str] = []
     for klass in cls.__mro__:

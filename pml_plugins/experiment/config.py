@@ -128,7 +128,7 @@ def _check_spec(key: str, spec: Any, kind: str) -> None:
         cls = registry.get(name, kind)
     except registry.UnknownComponentError as exc:
         raise ConfigError(f"{key}: {exc}") from None
-    params = registry._parameters(cls)
+    params = registry.constructor_arguments(cls)
     if params is not None:
         unknown = sorted(set(kwargs) - set(params))
         if unknown:

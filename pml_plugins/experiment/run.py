@@ -139,7 +139,7 @@ def _with_runtime_kwargs(spec: Any, kind: str, **available: Any) -> Any:
     """Build ``spec``, passing the ``available`` kwargs that its class accepts."""
     name, kwargs = registry.parse_spec(spec)
     cls = registry.get(name, kind)
-    params = registry._parameters(cls) or []
+    params = registry.constructor_arguments(cls) or []
     extra = {k: v for k, v in available.items() if k in params and k not in kwargs}
     return registry.build({name: kwargs}, kind, **extra)
 

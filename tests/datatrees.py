@@ -37,6 +37,14 @@ class Tree:
     def config(self, **extra) -> dict:
         return {"name": self.name, "root": str(self.root), **extra}
 
+    def expect_train_test(self, train_classes, test_classes, per_class: int) -> None:
+        """Record the expected class-disjoint train / test splits, ``per_class`` images each."""
+        self.splits = {
+            "train": (len(train_classes), len(train_classes) * per_class),
+            "test": (len(test_classes), len(test_classes) * per_class),
+        }
+        self.classes = {"train": set(train_classes), "test": set(test_classes)}
+
 
 def write_image(path: Path, seed: int, gray: bool = False) -> Path:
     """A small JPEG (non-square, 10-17 px wide) with random pixels."""
@@ -83,11 +91,7 @@ def make_cub(
     (base / "image_class_labels.txt").write_text("\n".join(labels_txt) + "\n")
     (base / "train_test_split.txt").write_text("\n".join(split_txt) + "\n")
     (base / "classes.txt").write_text("\n".join(classes) + "\n")
-    tree.splits = {
-        "train": (len(train_classes), len(train_classes) * per_class),
-        "test": (len(test_classes), len(test_classes) * per_class),
-    }
-    tree.classes = {"train": set(train_classes), "test": set(test_classes)}
+    tree.expect_train_test(train_classes, test_classes, per_class)
     return tree
 
 
@@ -145,11 +149,7 @@ def make_cars(
             (root / f"anno_{split}.csv").write_text("\n".join(lines) + "\n")
     else:
         raise ValueError(f"layout must be 'mat' or 'csv', got {layout!r}")
-    tree.splits = {
-        "train": (len(train_classes), len(train_classes) * per_class),
-        "test": (len(test_classes), len(test_classes) * per_class),
-    }
-    tree.classes = {"train": set(train_classes), "test": set(test_classes)}
+    tree.expect_train_test(train_classes, test_classes, per_class)
     return tree
 
 
@@ -177,11 +177,7 @@ def make_sop(
                     tree.gray.append(p)
                 lines.append(f"{image_id} {c} {super_id} {rel}")
         (base / f"Ebay_{split}.txt").write_text("\n".join(lines) + "\n")
-    tree.splits = {
-        "train": (len(train_classes), len(train_classes) * per_class),
-        "test": (len(test_classes), len(test_classes) * per_class),
-    }
-    tree.classes = {"train": set(train_classes), "test": set(test_classes)}
+    tree.expect_train_test(train_classes, test_classes, per_class)
     return tree
 
 

@@ -276,15 +276,13 @@ def parse_spec(spec: Any) -> tuple[str, dict[str, Any]]:
 
 
 def is_spec(value: Any) -> bool:
-    """True where ``value`` is a ``{"Name": {kwargs}}`` mapping whose name is registered."""
+    """True where ``value`` is a ``{"Name": {kwargs}}`` mapping naming a component
+    (see :func:`names_component`: a typo in a class-like name is a spec that fails to
+    build, not a plain dict passed on silently)."""
     if not (isinstance(value, Mapping) and len(value) == 1):
         return False
     ((name, kwargs),) = value.items()
-    return (
-        isinstance(name, str)
-        and name in _table()
-        and (kwargs is None or isinstance(kwargs, Mapping))
-    )
+    return names_component(name) and (kwargs is None or isinstance(kwargs, Mapping))
 
 
 def names_component(value: Any) -> bool:

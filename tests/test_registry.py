@@ -151,3 +151,9 @@ def test_lowercase_string_under_nested_key_passes_through():
     with pytest.raises(registry.UnknownComponentError):
         registry._resolve("loss", "ContrastiveLos")
     assert isinstance(registry._resolve("loss", "ContrastiveLoss"), losses.ContrastiveLoss)
+
+
+def test_misspelt_nested_dict_spec_fails_to_build():
+    with pytest.raises(registry.UnknownComponentError, match="CosineSimilarity"):
+        registry.build({"TripletMarginLoss": {"distance": {"CosineSimilarty": {}}}})
+    assert not registry.is_spec({"lowercase": {}}) and registry.is_spec({"MeanReducer": None})

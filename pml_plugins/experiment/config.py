@@ -139,10 +139,8 @@ def _check_spec(key: str, spec: Any, kind: str) -> None:
     for sub_key, value in kwargs.items():
         if sub_key in registry.NESTED_KEYS and registry.names_component(value):
             _check_spec(f"{key}.{name}.{sub_key}", value, None)
-        elif isinstance(value, Mapping) and len(value) == 1:
-            (inner,) = value
-            if isinstance(inner, str) and inner[:1].isupper():
-                _check_spec(f"{key}.{name}.{sub_key}", value, None)
+        elif registry.is_spec(value):
+            _check_spec(f"{key}.{name}.{sub_key}", value, None)
 
 
 def _check_components(config: Mapping[str, Any]) -> None:

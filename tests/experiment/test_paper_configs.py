@@ -1,6 +1,6 @@
 """The paper grids under workflow/config/: every cell validates, every component, trunk,
 optimizer, scheduler and trainer builds without data, the papers' recipes are the ones
-methods.md states, and results/paper_numbers.csv is well-formed and matches the grids."""
+docs/methods/ states, and workflow/resources/paper_numbers.csv is well-formed and matches the grids."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ PAPER_GRIDS = [
     "metrix_sop",
     "metrix_inshop",
 ]
-#: training classes of the official splits (methods.md section 6)
+#: training classes of the official splits (docs/datasets.md)
 TRAIN_CLASSES = {"cub200": 100, "cars196": 98, "sop": 11318, "inshop": 3997}
 WEIGHTS = {
     "ResNet50": torchvision.models.ResNet50_Weights,
@@ -276,7 +276,7 @@ def test_ap_recipe(cells):
         assert _by(ap, cfg["dataset"]["name"], base)[0]["loss"] == cfg["loss"]
 
 
-METRIX_LR = {  # (data set, loss family) -> trunk lr, README commands (methods.md 4.5)
+METRIX_LR = {  # (data set, loss family) -> trunk lr, README commands (docs/methods/metrix.md)
     ("cub200", "Contrastive"): 1e-4,
     ("cars196", "Contrastive"): 1e-4,
     ("sop", "Contrastive"): 3e-5,
@@ -328,7 +328,7 @@ def test_metrix_recipe(cells, dataset):
 
 # ------------------------------------------------------------------ paper numbers
 
-PAPER_NUMBERS = ROOT / "results" / "paper_numbers.csv"
+PAPER_NUMBERS = ROOT / "workflow" / "resources" / "paper_numbers.csv"
 METRICS = {"NMI", "F1"} | {
     f"recall_at_{k}" for k in (1, 2, 4, 8, 10, 16, 20, 30, 32, 40, 50, 100, 1000)
 }
@@ -359,7 +359,7 @@ def test_paper_numbers_are_well_formed():
 def test_paper_numbers_sit_beside_a_grid_that_runs_them(cells):
     runs = set()
     for name in PAPER_GRIDS:
-        if _load(name).get("paper_numbers") == "results/paper_numbers.csv":
+        if _load(name).get("paper_numbers") == "workflow/resources/paper_numbers.csv":
             for cfg in cells[name].values():
                 runs.add((cfg["name"], cfg["dataset"]["name"], cfg["model"]["embedding_size"]))
     for r in _paper_rows():

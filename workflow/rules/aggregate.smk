@@ -11,9 +11,14 @@ rule aggregate:
     log:
         f"{RUNS}/aggregate.log",
     params:
-        runs=lambda wildcards, input: os.path.commonpath(input.metrics),
+        # the grid's run folders lie below their common folder (one cell: the folder itself)
+        runs=lambda wildcards, input: os.path.commonpath(
+            [os.path.dirname(m) for m in input.metrics]
+        ),
         out=lambda wildcards, output: os.path.dirname(output.csv),
-        paper=lambda wildcards, input: f"--paper-numbers {input.paper}" if input.paper else "",
+        paper_option="--paper-numbers" if config.get("paper_numbers") else "",
+        paper=lambda wildcards, input: input.paper[0] if input.paper else "",
     container: CONTAINER
     shell:
-        "pml-plugins aggregate {params.runs} --out {params.out} {params.paper} > {log} 2>&1"
+        "pml-plugins aggregate {params.runs:q} --out {params.out:q} "
+        "{params.paper_option} {params.paper:q} > {log:q} 2>&1"

@@ -1,3 +1,4 @@
+# Every value that comes from the grid config reaches the shell quoted (:q).
 # One experiment per cell, through the same `pml-plugins train` a user runs. The job first
 # writes the cell's config (from params, so that an edited grid reruns the cells it
 # changed; a run folder holding another config is cleared), then trains with --resume.
@@ -22,7 +23,7 @@ rule train:
         gpu=gpus_of,
     container: CONTAINER
     shell:
-        "python -m pml_plugins.experiment.grid {output.cfg} {params.cell:q} >> {log} 2>&1 && "
+        "python -m pml_plugins.experiment.grid {output.cfg:q} {params.cell:q} >> {log:q} 2>&1 && "
         "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} "
-        "{params.launcher} pml-plugins train {output.cfg} --out {params.out} --resume "
-        ">> {log} 2>&1"
+        "{params.launcher} pml-plugins train {output.cfg:q} --out {params.out:q} --resume "
+        ">> {log:q} 2>&1"

@@ -44,7 +44,7 @@ O(B^2) memory after one B x B Gram matrix: ``p = c1 x1 + c2 x2`` and
 ``b``, which are differentiable functions of the arc angles at fixed ``tau``, ``upsilon``.
 
 **Edge cases.** An arc whose angle is at most ``min_angle`` (default ``1e-3``, the project's
-decision, methods.md section 7.4) is treated as its start point ``x1``; pass
+decision, docs/methods/loop.md) is treated as its start point ``x1``; pass
 ``min_angle=0`` for the exact arc down to ``x1 == x2``. The arc angle
 ``2 asin(||x1 - x2|| / 2)`` has its argument clamped below 1, so that antipodal endpoints
 (where the shorter arc is not unique) stay finite. A distance whose square is below the

@@ -16,7 +16,7 @@ __all__ = ["LoOpLoss", "form_positive_pairs"]
 BASES = ("hphn_triplet", "triplet", "lifted", "multi_similarity", "npair")
 GEOMETRIES = ("arc", "segment")
 
-#: per-base hyperparameters and their defaults (official code, methods.md section 1.5)
+#: per-base hyperparameters and their defaults (the authors' code; docs/methods/loop.md)
 _BASE_DEFAULTS: dict[str, dict[str, float]] = {
     "hphn_triplet": {"margin": 1e-5},
     "triplet": {"margin": 0.1},
@@ -110,7 +110,7 @@ class LoOpLoss(BaseMetricLossFunction):
     positive pair (``reduction_type="element"``, indices = the pair's first member).
 
     Paper / official code: the optimal-point distance, its use in the five base losses,
-    the margins, the MS constants. Project decisions (methods.md section 7.4): pairs
+    the margins, the MS constants. Project decisions (docs/methods/loop.md): pairs
     are formed from labels (within each class in index order, an odd leftover unpaired
     but still used as a positive by ``hphn_triplet``, ``lifted`` and
     ``multi_similarity``); two pairs of the same class are never compared; degenerate

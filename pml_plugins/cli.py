@@ -5,12 +5,17 @@ pml-plugins evaluate RUN_DIR
 pml-plugins list [--kind KIND] [--plugins]
 pml-plugins validate CONFIG [...]
 pml-plugins aggregate RUNS_DIR --out RESULTS_DIR
+
+Bad input (a config, a ``--set``, a run folder, a full disk) ends in one line on stderr,
+``pml-plugins: error: <what is wrong and how to fix it>``, and exit status 2, before
+anything is written where the check can come first; anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -24,37 +29,60 @@ EXIT_BAD_INPUT = 2
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
+    """``["epochs=3", "model.embedding_size=2"]`` -> ``{"epochs": 3, ...}`` (values as YAML)."""
+    from .experiment.config import ConfigError, describe_yaml_error
+
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}: write key.path=value (e.g. epochs=3)")
-        out[key] = yaml.safe_load(value)
+        if not sep or not key or not all(key.split(".")):
+            raise ConfigError(f"--set {item!r}: write key.path=value (e.g. epochs=3)")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"--set {item!r}: the value {value!r} is not valid YAML "
+                f"({describe_yaml_error(exc)}); quote it if it is a string"
+            ) from None
     return out
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    overrides = _parse_set(args.set)
     from .experiment import run as run_mod
 
-    out, metrics = run_mod.run(
-        args.config, out=args.out, resume=args.resume, overrides=_parse_set(args.set)
-    )
+    out, metrics = run_mod.run(args.config, out=args.out, resume=args.resume, overrides=overrides)
     if metrics:  # empty on the non-main ranks of a distributed run
         print(run_mod.format_metrics(metrics))
         print(f"run folder: {out}")
     return 0
 
 
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    """The ``metrics.json`` of a finished run folder; a RunFileError where it is missing,
+    damaged or not a run's metrics."""
+    from .experiment.files import RunFileError, read_json
+
+    path = run_dir / "metrics.json"
+    if not run_dir.is_dir() or not path.is_file():
+        raise RunFileError(
+            f"{path} does not exist: {run_dir} is not a finished run folder "
+            f"(run `pml-plugins train CONFIG --out {run_dir}` first)"
+        )
+    fix = (
+        f"evaluate the run again with `pml-plugins train {run_dir / 'config.yaml'} --out "
+        f"{run_dir} --resume` (it reloads the last checkpoint)"
+    )
+    metrics = read_json(path, fix=fix)
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("trained"), dict):
+        raise RunFileError(f"{path} does not hold a run's metrics (no 'trained' block); {fix}")
+    return metrics
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    metrics = read_metrics(Path(args.run_dir))
     from .experiment import run as run_mod
 
-    path = Path(args.run_dir) / "metrics.json"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} does not exist: {args.run_dir} is not a finished run folder "
-            f"(run `pml-plugins train CONFIG --out {args.run_dir}` first)"
-        )
-    metrics = json.loads(path.read_text())
     print(run_mod.format_metrics(metrics))
     return 0
 
@@ -69,6 +97,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         for e in rows:
             mark = f"  [plugin: {e.source}]" if e.is_plugin else ""
             print(f"  {e.name}{mark}")
+    for message in registry.clashes().values():
+        print(f"pml-plugins: warning: {message}", file=sys.stderr)
     return 0
 
 
@@ -136,6 +166,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (or a full disk), reported in one line."""
+    from .experiment.config import ConfigError
+    from .experiment.files import RunFileError
+
+    types: list[type[BaseException]] = [
+        ConfigError,
+        RunFileError,
+        FileNotFoundError,
+        registry.UnknownComponentError,
+    ]
+    # a RunError can only come from the runner, so it is looked up only once that is loaded
+    run_mod = sys.modules.get(f"{__package__}.experiment.run")
+    if run_mod is not None:
+        types.append(run_mod.RunError)
+    return tuple(types)
+
+
+def _full_disk(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _error_message(exc: BaseException) -> str:
+    if _full_disk(exc):
+        where = getattr(exc, "filename", None) or "a file"
+        return (
+            f"{where}: no space left on the device ({exc.strerror}); free some space and "
+            f"run the same command again"
+        )
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -145,13 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         logging.getLogger("PML").setLevel(logging.WARNING)
-    from .experiment.config import ConfigError
-    from .experiment.run import RunError
-
     try:
         return args.func(args)
-    except (ConfigError, RunError, FileNotFoundError, registry.UnknownComponentError) as exc:
-        print(f"pml-plugins: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        if not (isinstance(exc, _user_error_types()) or _full_disk(exc)):
+            raise
+        print(f"pml-plugins: error: {_error_message(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

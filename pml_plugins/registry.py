@@ -14,7 +14,11 @@ Third-party packages add components through the entry-point group ``pml_plugins`
     MyLoss = "my_package.losses:MyLoss"
 
 The kind of an entry-point class is found from its PML base class; an entry point named
-``kind.Name`` (e.g. ``losses.MyLoss``) states it explicitly.
+``kind.Name`` (e.g. ``losses.MyLoss``) states it explicitly. An entry point that cannot
+be loaded is reported as a warning and skipped, so one broken package does not stop the
+commands that do not need it. An entry point whose name is already taken (by a PML
+class, one of ours or another entry point) makes that name an error, naming both, until
+one of them is renamed or uninstalled: neither is used silently in place of the other.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
 ENTRY_POINT_GROUP = "pml_plugins"
+LOG = logging.getLogger("pml_plugins")
 
 #: kinds of PML built-ins, each read from ``pytorch_metric_learning.<kind>``
 PML_KINDS = (
@@ -91,6 +97,11 @@ class UnknownComponentError(KeyError, ValueError):
         return str(self.args[0])
 
 
+class NameClashError(UnknownComponentError):
+    """A name that two components claim (e.g. a PML class and an entry point): which one
+    is meant is unknown, so neither is used."""
+
+
 @dataclass(frozen=True)
 class Entry:
     """One registered component."""
@@ -106,6 +117,8 @@ class Entry:
 
 
 _TABLE: dict[str, Entry] | None = None
+#: names claimed twice -> the message that names both claimants
+_CLASHES: dict[str, str] = {}
 
 
 def _public_classes(module: Any, names: Iterable[str] | None = None) -> dict[str, type]:
@@ -181,35 +194,76 @@ def _plugin_entries() -> dict[str, Entry]:
     return table
 
 
-def _entry_point_entries() -> dict[str, Entry]:
-    table: dict[str, Entry] = {}
+def _describe(entry: Entry) -> str:
+    """``module.Class (source)``: where a registered class comes from."""
+    return f"{entry.cls.__module__}.{entry.cls.__qualname__} ({entry.source})"
+
+
+def _load_entry_point(ep: metadata.EntryPoint) -> Entry | None:
+    """The entry of one entry point, or None (with a warning) where it cannot be used."""
+    dist = getattr(getattr(ep, "dist", None), "name", None) or "entry point"
+    where = f"entry point {ep.name!r} = {ep.value!r} (group {ENTRY_POINT_GROUP!r}, from {dist})"
+    try:
+        cls = ep.load()
+    except Exception as exc:  # a broken third-party plugin must not break the others
+        LOG.warning(
+            "%s could not be loaded and is skipped (%s: %s); fix or uninstall the package "
+            "that provides it",
+            where,
+            type(exc).__name__,
+            exc,
+        )
+        return None
+    kind, _, name = ep.name.rpartition(".")
+    kind = kind or _kind_of(cls)
+    if kind not in KINDS:
+        LOG.warning(
+            "%s is skipped: unknown kind %r; name it '<kind>.%s' with one of %s",
+            where,
+            kind,
+            name,
+            ", ".join(KINDS),
+        )
+        return None
+    return Entry(name, kind, cls, dist)
+
+
+def _add_entry_points(table: dict[str, Entry]) -> None:
+    """Add the entry points to ``table``; a name that is already taken becomes a clash."""
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            cls = ep.load()
-        except Exception as exc:  # a broken third-party plugin must not break ours
-            raise ImportError(
-                f"entry point {ep.name!r} = {ep.value!r} in group {ENTRY_POINT_GROUP!r} "
-                f"could not be loaded: {exc}. Fix or uninstall the package that provides it."
-            ) from exc
-        kind, _, name = ep.name.rpartition(".")
-        kind = kind or _kind_of(cls)
-        if kind not in KINDS:
-            raise ValueError(
-                f"entry point {ep.name!r}: unknown kind {kind!r}; use one of {', '.join(KINDS)}"
+        new = _load_entry_point(ep)
+        if new is None:
+            continue
+        name = new.name
+        old = table.get(name)
+        if name in _CLASHES:
+            _CLASHES[name] += f"; also claimed by the entry point {ep.value!r} ({new.source})"
+        elif old is None or old.cls is new.cls:
+            table[name] = new
+        else:
+            del table[name]
+            _CLASHES[name] = (
+                f"{name!r} names two components: {_describe(old)} and the entry point "
+                f"{ep.name} = {ep.value!r} (module {new.cls.__module__}, from {new.source}); "
+                f"rename the entry point in that package, or uninstall it"
             )
-        dist = getattr(getattr(ep, "dist", None), "name", None) or "entry point"
-        table[name] = Entry(name, kind, cls, dist)
-    return table
 
 
 def _table() -> dict[str, Entry]:
     global _TABLE
     if _TABLE is None:
+        _CLASHES.clear()
         table = _pml_entries()
         table.update(_plugin_entries())
-        table.update(_entry_point_entries())
+        _add_entry_points(table)
         _TABLE = table
     return _TABLE
+
+
+def clashes() -> dict[str, str]:
+    """Names that two components claim -> a message naming both (see :class:`NameClashError`)."""
+    _table()
+    return dict(_CLASHES)
 
 
 def refresh() -> None:
@@ -229,6 +283,8 @@ def register(cls: type, name: str | None = None, kind: str | None = None) -> typ
 def entry(name: str, kind: str | None = None) -> Entry:
     """The registry entry of ``name``; ``kind`` restricts the search."""
     table = _table()
+    if name in _CLASHES:
+        raise NameClashError(_CLASHES[name])
     found = table.get(name)
     if found is not None and (kind is None or found.kind == kind):
         return found
@@ -325,9 +381,11 @@ def build(spec: Any, kind: str | None = None, **extra: Any) -> Any:
         raise TypeError(f"{name}({_fmt(resolved)}) failed: {exc}") from exc
 
 
-def constructor_arguments(cls: type) -> list[str] | None:
-    """Explicit keyword names of ``cls``'s constructor chain; None if it takes anything."""
-    names_: list[str] = []
+def _constructor_parameters(cls: type) -> list[inspect.Parameter] | None:
+    """Explicit keyword parameters of ``cls``'s constructor chain (a subclass's own first),
+    followed through the bases while each passes ``**kwargs`` on; None if a signature
+    cannot be read (the class may take anything)."""
+    params: dict[str, inspect.Parameter] = {}
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is None:
@@ -340,11 +398,35 @@ def constructor_arguments(cls: type) -> list[str] | None:
         for p in list(sig.parameters.values())[1:]:
             if p.kind is p.VAR_KEYWORD:
                 has_var_kw = True
-            elif p.kind is not p.VAR_POSITIONAL and p.name not in names_:
-                names_.append(p.name)
+            elif p.kind is not p.VAR_POSITIONAL and p.name not in params:
+                params[p.name] = p
         if not has_var_kw:
-            return names_
-    return names_
+            break
+    return list(params.values())
+
+
+def constructor_arguments(cls: type) -> list[str] | None:
+    """Explicit keyword names of ``cls``'s constructor chain; None if it takes anything."""
+    params = _constructor_parameters(cls)
+    return None if params is None else [p.name for p in params]
+
+
+def constructor_defaults(cls: type) -> dict[str, Any]:
+    """The default value of each constructor argument of ``cls`` that has one."""
+    return {
+        p.name: p.default
+        for p in _constructor_parameters(cls) or []
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def build_accepting(spec: Any, kind: str | None = None, **available: Any) -> Any:
+    """Build ``spec``, passing those of the ``available`` kwargs (runtime values such as
+    ``num_classes`` or ``labels``) that its class accepts and the spec does not set."""
+    name, kwargs = parse_spec(spec)
+    params = constructor_arguments(get(name, kind)) or []
+    extra = {k: v for k, v in available.items() if k in params and k not in kwargs}
+    return build({name: kwargs}, kind, **extra)
 
 
 def _fmt(kwargs: Mapping[str, Any]) -> str:

@@ -157,3 +157,21 @@ def test_misspelt_nested_dict_spec_fails_to_build():
     with pytest.raises(registry.UnknownComponentError, match="CosineSimilarity"):
         registry.build({"TripletMarginLoss": {"distance": {"CosineSimilarty": {}}}})
     assert not registry.is_spec({"lowercase": {}}) and registry.is_spec({"MeanReducer": None})
+
+
+def test_build_accepting_passes_only_the_runtime_kwargs_a_class_takes():
+    loss = registry.build_accepting(
+        {"ProxyAnchorLoss": {"margin": 0.2}}, "losses", num_classes=3, embedding_size=4, labels=[1]
+    )
+    assert loss.proxies.shape == (3, 4) and loss.margin == 0.2
+    # the spec's own value wins over the runtime one
+    loss = registry.build_accepting(
+        {"ProxyAnchorLoss": {"num_classes": 5}}, "losses", num_classes=3, embedding_size=4
+    )
+    assert loss.proxies.shape == (5, 4)
+
+
+def test_constructor_defaults_follow_the_kwargs_chain():
+    defaults = registry.constructor_defaults(losses.MultiSimilarityLoss)
+    assert defaults["alpha"] == 2 and defaults["base"] == 0.5  # its own
+    assert "reducer" in defaults and "distance" in defaults  # BaseMetricLossFunction's

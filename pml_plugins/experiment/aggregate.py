@@ -24,7 +24,6 @@ Numbers are percentages in the tables and plots, fractions in the CSVs.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import re
@@ -38,6 +37,7 @@ import numpy as np
 import yaml
 
 from .. import registry
+from .files import RunFileError, read_json
 
 LOG = logging.getLogger("pml_plugins")
 
@@ -98,6 +98,20 @@ class Run:
 # ---------------------------------------------------------------- reading
 
 
+def read_run_metrics(path: Path, runs_dir: Path) -> dict[str, Any]:
+    """A run's ``metrics.json``; a :class:`RunFileError` naming the file where it is
+    damaged or does not hold a run's metrics (a table without that run would be wrong)."""
+    folder = path.parent
+    fix = (
+        f"evaluate that run again with `pml-plugins train {folder / 'config.yaml'} --out "
+        f"{folder} --resume`, or move {folder} out of {runs_dir}"
+    )
+    metrics = read_json(path, fix=fix)
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("trained"), dict):
+        raise RunFileError(f"{path} does not hold a run's metrics (no 'trained' block); {fix}")
+    return metrics
+
+
 def find_runs(runs_dir: str | Path) -> list[Run]:
     """Every finished run below ``runs_dir`` (one per dataset/loss/size/seed)."""
     runs_dir = Path(runs_dir)
@@ -112,7 +126,7 @@ def find_runs(runs_dir: str | Path) -> list[Run]:
             continue
         with open(config_path) as f:
             config = yaml.safe_load(f)
-        metrics = json.loads(metrics_path.read_text())
+        metrics = read_run_metrics(metrics_path, runs_dir)
         loss_class, _ = registry.parse_spec(config["loss"])
         dim = int(config["model"]["embedding_size"])
         seed = int(config["seed"])

@@ -3,16 +3,19 @@
 One JSON Schema (``experiment.schema.yaml`` beside this module) describes the file; the
 Snakemake workflow validates each grid cell against the same file. After the schema,
 ``validate`` checks what a schema cannot: that every component name resolves in the
-registry as the right kind, and that the data folder exists. ``check_sampler`` checks
-the batch / sampler combination against the data set's labels once they are loaded.
-Every error is a ``ConfigError`` naming the key path, the bad value and what is allowed.
+registry as the right kind, that each argument whose default is a number (or true /
+false) is given one, that the loss, miner, optimisers and learning-rate schedulers can be
+built from their arguments (they are built once, on the CPU, and dropped), and that the
+data folder exists. ``check_sampler`` checks the batch / sampler combination against the
+data set's labels once they are loaded. Every error is a ``ConfigError`` naming the key
+path, the bad value and what is allowed.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,10 @@ COMPONENT_KINDS = {
 }
 #: sampler kwargs the runner supplies from the data set
 SAMPLER_RUNTIME_KWARGS = ("labels", "length_before_new_iter", "batch_size")
+#: the number of classes a loss is built with at validation, before the data is read
+TRIAL_NUM_CLASSES = 2
+#: the optimiser a learning-rate scheduler is tried on where the config names none
+TRIAL_OPTIMIZER = {"Adam": {"lr": 1e-3}}
 
 
 class ConfigError(ValueError):
@@ -103,6 +110,7 @@ def validate(raw: Mapping[str, Any], check_data: bool = True) -> dict[str, Any]:
         raise ConfigError(f"invalid config: {_schema_error_message(errors[0])}")
     config = _fill_defaults(schema, copy.deepcopy(dict(raw)))
     _check_components(config)
+    _check_buildable(config)
     if check_data:
         from .data import check_root
 
@@ -122,6 +130,43 @@ def _lookup(config: Mapping[str, Any], dotted: str) -> Any:
     return value
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _type_problem(value: Any, default: Any) -> str | None:
+    """Why ``value`` cannot stand where the constructor's default is ``default``, if it
+    cannot: a number's place takes a number (or null), a true/false flag's takes a bool."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return None
+        return f"{value!r} is not true or false (the default is {str(default).lower()})"
+    if _is_number(default) and value is not None and not _is_number(value):
+        hint = ""
+        if isinstance(value, str):
+            try:
+                float(value)
+                hint = f"; YAML reads {value} as a string: write it with a dot, e.g. 1.0e-3"
+            except ValueError:
+                pass
+        return (
+            f"{value!r} is a {type(value).__name__}, not a number (the default is "
+            f"{default!r}){hint}"
+        )
+    return None
+
+
+def _check_argument_types(key: str, cls: type, kwargs: Mapping[str, Any]) -> None:
+    """Each argument whose default is a number or a flag is given a value of that type."""
+    defaults = registry.constructor_defaults(cls)
+    for arg, value in kwargs.items():
+        if arg not in defaults:
+            continue
+        problem = _type_problem(value, defaults[arg])
+        if problem is not None:
+            raise ConfigError(f"{key}.{arg}: {problem}")
+
+
 def _check_spec(key: str, spec: Any, kind: str) -> None:
     name, kwargs = registry.parse_spec(spec)
     try:
@@ -136,6 +181,7 @@ def _check_spec(key: str, spec: Any, kind: str) -> None:
                 f"{key}.{name}: unknown argument {', '.join(repr(u) for u in unknown)}; "
                 f"{name} takes: {', '.join(p for p in params if p not in SAMPLER_RUNTIME_KWARGS)}"
             )
+    _check_argument_types(f"{key}.{name}", cls, kwargs)
     for sub_key, value in kwargs.items():
         if sub_key in registry.NESTED_KEYS and registry.names_component(value):
             _check_spec(f"{key}.{name}.{sub_key}", value, None)
@@ -153,28 +199,160 @@ def _check_components(config: Mapping[str, Any]) -> None:
             _check_spec(f"{group}.{part}", spec, kind)
 
 
-def load(path: str | Path, overrides: Mapping[str, Any] | None = None, **kw: Any) -> dict:
-    """Read a YAML file (plus dotted-key ``overrides``) and validate it."""
-    path = Path(path)
+def _trial_build(key: str, spec: Any, build: Callable[[], Any]) -> Any:
+    """``build()``, with a constructor's rejection of its arguments as a ConfigError.
+
+    The torch random state is restored afterwards, so validating a config does not
+    change what a seeded run draws.
+    """
+    import torch
+
+    name, _ = registry.parse_spec(spec)
+    with torch.random.fork_rng(devices=[]):
+        try:
+            return build()
+        except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as exc:
+            text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            reason = one_line(str(text)) or type(exc).__name__
+            raise ConfigError(
+                f"{key}: {name} cannot be built from these arguments: {reason}"
+            ) from None
+
+
+def _dummy_parameters() -> list[Any]:
+    import torch
+
+    return [torch.nn.Parameter(torch.zeros(1))]
+
+
+def _check_buildable(config: Mapping[str, Any]) -> None:
+    """Build the loss, miner, optimisers and schedulers once, to catch values their
+    constructors reject (a negative or NaN learning rate, a distance a loss cannot use)
+    before the run folder exists. Trunks (large), samplers and trainers (they need the
+    data and the models) are checked by argument types only."""
+    emb = config["model"]["embedding_size"]
+    loss = config.get("loss")
+    _trial_build(
+        "loss",
+        loss,
+        lambda: registry.build_accepting(
+            loss, "losses", num_classes=TRIAL_NUM_CLASSES, embedding_size=emb
+        ),
+    )
+    miner = config.get("miner")
+    if miner is not None:
+        _trial_build("miner", miner, lambda: registry.build(miner, "miners"))
+    optimizers = config.get("optimizers") or {}
+    for part, spec in optimizers.items():
+        _trial_build(
+            f"optimizers.{part}",
+            spec,
+            lambda spec=spec: registry.build(spec, "optimizers", params=_dummy_parameters()),
+        )
+    for part, spec in (config.get("lr_schedulers") or {}).items():
+        opt_spec = optimizers.get(part, TRIAL_OPTIMIZER)
+
+        def build(spec: Any = spec, opt_spec: Any = opt_spec) -> Any:
+            opt = registry.build(opt_spec, "optimizers", params=_dummy_parameters())
+            return registry.build(spec, "lr_schedulers", optimizer=opt)
+
+        _trial_build(f"lr_schedulers.{part}", spec, build)
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks and runs of spaces collapsed (for one-line errors)."""
+    return " ".join(str(text).split())
+
+
+def describe_yaml_error(exc: yaml.YAMLError) -> str:
+    """A one-line description of a YAML syntax error: the problem and where it is."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "reason", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    if problem and getattr(exc, "position", None) is not None:
+        return f"{problem} at character {exc.position}"
+    return one_line(str(exc))
+
+
+def _yaml_kind(value: Any) -> str:
+    """``a list``, ``a number``, ...: what a YAML document holds, in words."""
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return f"a {type(value).__name__}"
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML content of the config file ``path``, or a ConfigError saying why not."""
+    if path.is_dir():
+        raise ConfigError(
+            f"{str(path)!r} is a folder; pass the path of an experiment YAML file "
+            f"(e.g. examples/default.yaml)"
+        )
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass the path of a YAML file")
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a text file (byte {exc.start} is not UTF-8); an experiment config "
+            f"is a YAML text file"
+        ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    raw = raw or {}
+        raise ConfigError(f"{path}: not valid YAML: {describe_yaml_error(exc)}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def load(path: str | Path, overrides: Mapping[str, Any] | None = None, **kw: Any) -> dict:
+    """Read a YAML file (plus dotted-key ``overrides``) and validate it."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    raw = {} if raw is None else raw
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            f"{path}: an experiment config is a mapping of keys (loss: ..., epochs: ...), "
+            f"but this file holds {_yaml_kind(raw)}"
+        )
     for dotted, value in (overrides or {}).items():
         set_dotted(raw, dotted, value)
     return validate(raw, **kw)
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:
-    """``set_dotted(cfg, "model.embedding_size", 128)``."""
+    """``set_dotted(cfg, "model.embedding_size", 128)``; missing mappings are created.
+
+    Raises ConfigError where a part of the path is empty or holds a value that is not a
+    mapping (``epochs.x`` when ``epochs`` is a number).
+    """
     parts = dotted.split(".")
-    for part in parts[:-1]:
-        data = data.setdefault(part, {})
-    data[parts[-1]] = value
+    if not all(parts):
+        raise ConfigError(
+            f"override {dotted!r}: empty key; write a dotted key path such as model.embedding_size"
+        )
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(
+                f"override {dotted!r}: {where} is {node!r}, not a mapping of keys, so it has "
+                f"no key {parts[i + 1]!r}; set {where} itself (e.g. {where}=...)"
+            )
+    node[parts[-1]] = value
+
+
+def _check_count(key: str, value: Any) -> None:
+    """``value`` (where given) is a whole number of at least 1."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigError(f"{key}: {value!r} is not allowed; use a whole number of at least 1")
 
 
 def check_sampler(config: Mapping[str, Any], labels: np.ndarray) -> None:
@@ -185,6 +363,8 @@ def check_sampler(config: Mapping[str, Any], labels: np.ndarray) -> None:
     name, kwargs = registry.parse_spec(spec)
     batch_size = config["batch_size"]
     _, counts = np.unique(labels, return_counts=True)
+    for arg in ("m", "samples_per_class", "classes_per_batch"):
+        _check_count(f"sampler.{name}.{arg}", kwargs.get(arg))
     m = kwargs.get("m", kwargs.get("samples_per_class"))
     if m is None:
         return
@@ -217,5 +397,7 @@ def check_sampler(config: Mapping[str, Any], labels: np.ndarray) -> None:
 
 
 def dump(config: Mapping[str, Any], path: str | Path) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(dict(config), f, sort_keys=False)
+    """Write ``config`` as YAML, atomically (see :func:`.files.atomic_write`)."""
+    from .files import atomic_write
+
+    atomic_write(path, yaml.safe_dump(dict(config), sort_keys=False))

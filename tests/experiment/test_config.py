@@ -128,3 +128,33 @@ def test_schema_file_is_valid_json_schema():
     import jsonschema
 
     jsonschema.Draft202012Validator.check_schema(cfg_mod.load_schema())
+
+
+def test_argument_types_follow_the_constructor_defaults():
+    # a number where the default is a number (int or float alike), null allowed
+    _validate(loss={"MultiSimilarityLoss": {"alpha": 2.5, "beta": 40, "base": None}})
+    with pytest.raises(cfg_mod.ConfigError, match=r"loss.MultiSimilarityLoss.beta: True is a"):
+        _validate(loss={"MultiSimilarityLoss": {"beta": True}})
+    with pytest.raises(cfg_mod.ConfigError, match=r"write it with a dot"):
+        _validate(optimizers__trunk={"Adam": {"eps": "1e-8"}})
+    # nested specs are checked as well
+    with pytest.raises(
+        cfg_mod.ConfigError, match=r"loss.TripletMarginLoss.distance.LpDistance.p: 'two'"
+    ):
+        _validate(loss={"TripletMarginLoss": {"distance": {"LpDistance": {"p": "two"}}}})
+
+
+def test_schedulers_are_built_on_the_configured_optimizer():
+    _validate(lr_schedulers__trunk={"StepLR": {"step_size": 2, "gamma": 0.5}})
+    with pytest.raises(cfg_mod.ConfigError, match=r"lr_schedulers.trunk: StepLR cannot be built"):
+        _validate(lr_schedulers__trunk={"StepLR": {"step_size": 2, "gamma": 0.5, "last_epoch": 3}})
+
+
+def test_validation_leaves_the_torch_random_state_alone():
+    import torch
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    _validate(loss={"ProxyAnchorLoss": {"margin": 0.1}}, miner=None)  # proxies drawn at random
+    assert torch.equal(torch.rand(3), expected)

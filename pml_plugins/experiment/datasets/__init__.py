@@ -18,6 +18,10 @@ returns ``(image tensor, label)``.
 
 ``check_root`` raises ``FileNotFoundError`` before training when the folder is missing or
 incomplete, naming the folder, the expected layout and where to get the data.
+``load_splits`` decodes every image the splits hold once (:mod:`.verify`; remembered in
+the user's cache folder per image list, sizes and modification times) and raises
+:class:`CorruptImagesError`, also a ``FileNotFoundError``, naming a file that cannot be
+decoded, before anything is trained or written.
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ from .common import LOG, DatasetFormatError, RGBImages
 from .cub import CUB200
 from .inshop import InShop
 from .sop import StanfordOnlineProductsRGB
+from .verify import CorruptImagesError, verify_images
 
 __all__ = [
     "CUB200",
     "Cars196RGB",
+    "CorruptImagesError",
     "DatasetFormatError",
     "InShop",
     "StanfordOnlineProductsRGB",
@@ -104,6 +110,7 @@ def load_splits(
 
     Transforms default to :mod:`.transforms` at ``dataset.image_size`` (224): random
     resized crop + flip for ``train``, resize + centre crop for every other split.
+    Every image of the returned splits is decoded once (see :mod:`.verify`).
     """
     name = dataset_cfg["name"]
     module = _module(name)
@@ -158,6 +165,8 @@ def load_splits(
         out["train"] = splits["train"]
     for k in eval_names:
         out[k] = splits[k]
+
+    verify_images([path for ds in out.values() for path in ds.paths], name)
 
     # 0..C-1 over all splits: training classes first, then validation, then evaluation
     order = np.concatenate([np.setdiff1d(train_classes, val), val, eval_classes])

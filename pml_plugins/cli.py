@@ -64,7 +64,12 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
     from .experiment.files import RunFileError, read_json
 
     path = run_dir / "metrics.json"
-    if not run_dir.is_dir() or not path.is_file():
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFileError(
+            f"{run_dir} is a file, not a run folder; pass the folder that `pml-plugins train` "
+            f"wrote (its --out)"
+        )
+    if not path.is_file():
         raise RunFileError(
             f"{path} does not exist: {run_dir} is not a finished run folder "
             f"(run `pml-plugins train CONFIG --out {run_dir}` first)"

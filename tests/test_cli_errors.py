@@ -170,7 +170,7 @@ CASES = [
     Case("aggregate-metrics-not-an-object", _aggregate(b"[1, 2]\n"), "does not hold a run's"),
     Case("evaluate-truncated-metrics", _evaluate(GOOD_METRICS[:40]), "metrics.json is damaged"),
     Case("evaluate-metrics-without-trained", _evaluate(b"{}\n"), "does not hold a run's"),
-    Case("evaluate-a-file", _evaluate_file, "is not a finished run folder"),
+    Case("evaluate-a-file", _evaluate_file, "is a file, not a run folder"),
 ]
 #: cases also run in a child process (a few of each kind: config, --set, files)
 SUBPROCESS = ("lr-nan", "set-bad-yaml", "binary-config", "aggregate-truncated-metrics")

@@ -189,18 +189,33 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+#: file-system errors on a path the user gave (or a full disk) -> what to do about them
+PATH_ERRORS: dict[type[OSError], str] = {
+    FileExistsError: "a file is in the way; choose another path or move that file",
+    NotADirectoryError: "a file is in the way of a folder; choose another path",
+    IsADirectoryError: "a folder is where a file is expected; choose another path",
+    PermissionError: "permission denied; choose a path you can read or write",
+}
+
+
 def _full_disk(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def _error_message(exc: BaseException) -> str:
+def _os_error_message(exc: BaseException) -> str | None:
+    """The one-line message of a full disk or an unusable path, else None (a bug)."""
+    if not isinstance(exc, OSError):
+        return None
+    where = exc.filename or "a file"
     if _full_disk(exc):
-        where = getattr(exc, "filename", None) or "a file"
         return (
             f"{where}: no space left on the device ({exc.strerror}); free some space and "
             f"run the same command again"
         )
-    return str(exc)
+    for kind, fix in PATH_ERRORS.items():
+        if isinstance(exc, kind):
+            return f"{where}: {fix}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,9 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as exc:
-        if not (isinstance(exc, _user_error_types()) or _full_disk(exc)):
+        if isinstance(exc, _user_error_types()):
+            message = str(exc)
+        else:
+            message = _os_error_message(exc)
+        if message is None:
             raise
-        print(f"pml-plugins: error: {_error_message(exc)}", file=sys.stderr)
+        print(f"pml-plugins: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

@@ -113,6 +113,18 @@ def _evaluate_file(folder: Path) -> list[str]:
     return ["evaluate", str(_config(folder))]
 
 
+def _out_is_a_file(command: str) -> Callable[[Path], list[str]]:
+    def make(folder: Path) -> list[str]:
+        taken = folder / "taken.txt"
+        taken.write_text("not a folder\n")
+        if command == "train":
+            return ["train", str(_config(folder, epochs=0)), "--out", str(taken)]
+        _finished_run(folder, GOOD_METRICS)
+        return ["aggregate", str(folder / "runs"), "--out", str(taken / "results")]
+
+    return make
+
+
 GOOD_METRICS = json.dumps(
     {"untrained": {"test": {"precision_at_1": 0.5}}, "trained": {"test": {"precision_at_1": 0.9}}}
 ).encode()
@@ -171,6 +183,8 @@ CASES = [
     Case("evaluate-truncated-metrics", _evaluate(GOOD_METRICS[:40]), "metrics.json is damaged"),
     Case("evaluate-metrics-without-trained", _evaluate(b"{}\n"), "does not hold a run's"),
     Case("evaluate-a-file", _evaluate_file, "is a file, not a run folder"),
+    Case("train-out-is-a-file", _out_is_a_file("train"), "taken.txt: a file is in the way"),
+    Case("aggregate-out-in-a-file", _out_is_a_file("aggregate"), "a file is in the way of a"),
 ]
 #: cases also run in a child process (a few of each kind: config, --set, files)
 SUBPROCESS = ("lr-nan", "set-bad-yaml", "binary-config", "aggregate-truncated-metrics")

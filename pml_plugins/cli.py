@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input (or a full disk), reported in one line."""
+    """Exceptions that mean bad input or a run file that cannot be read or written."""
     from .experiment.config import ConfigError
     from .experiment.files import RunFileError
 

@@ -2,7 +2,7 @@
 
 Each is read from a folder in its official layout (``dataset.root``) by a thin subclass
 of PML's data set class (In-Shop, which PML lacks, by a PML ``BaseDataset``), and split
-class-disjointly as in the papers (methods.md §7.7)::
+class-disjointly as in the papers (docs/datasets.md, "Data sets")::
 
     cub200   classes 1-100 train / 101-200 test
     cars196  classes 1-98 train / 99-196 test

@@ -1,7 +1,7 @@
 """Cars196 (Krause et al., "3D Object Representations for Fine-Grained Categorization",
 3dRR 2013): 16,185 images of 196 car models.
 
-Standard deep-metric-learning split (methods.md §6, §7.7): classes 1-98 train
+Standard deep-metric-learning split (docs/datasets.md, "Data sets"): classes 1-98 train
 (8,054 images), classes 99-196 test (8,131 images), regardless of the official
 train/test halves, which split each class.
 

@@ -1,6 +1,6 @@
 """CUB-200-2011 (Wah et al., Caltech, 2011): 11,788 bird images of 200 species.
 
-Standard deep-metric-learning split (methods.md §6, §7.7): classes 1-100 train
+Standard deep-metric-learning split (docs/datasets.md, "Data sets"): classes 1-100 train
 (5,864 images), classes 101-200 test (5,924 images), as in PML's ``CUB``.
 """
 

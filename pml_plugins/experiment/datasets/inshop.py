@@ -1,8 +1,9 @@
 """In-Shop Clothes Retrieval (Liu et al., "DeepFashion", CVPR 2016): 52,712 images of
 7,982 clothing items.
 
-Official split (methods.md §6, §7.7), from ``list_eval_partition.txt``: 3,997 training
-items (25,882 images); 3,985 test items, seen as 14,218 query and 12,612 gallery images.
+Official split (docs/datasets.md, "Data sets"), from ``list_eval_partition.txt``: 3,997
+training items (25,882 images); 3,985 test items, seen as 14,218 query and 12,612 gallery
+images.
 PML has no loader for it; :class:`InShop` is a PML ``BaseDataset`` like the others.
 """
 

@@ -1,8 +1,9 @@
 """Stanford Online Products (Oh Song et al., "Deep Metric Learning via Lifted Structured
 Feature Embedding", CVPR 2016): 120,053 images of 22,634 products.
 
-Official split (methods.md §6, §7.7): ``Ebay_train.txt`` 11,318 classes (59,551 images),
-``Ebay_test.txt`` 11,316 classes (60,502 images), as in PML's ``StanfordOnlineProducts``.
+Official split (docs/datasets.md, "Data sets"): ``Ebay_train.txt`` 11,318 classes
+(59,551 images), ``Ebay_test.txt`` 11,316 classes (60,502 images), as in PML's
+``StanfordOnlineProducts``.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Image transforms of the papers' recipes, with ImageNet normalisation.
 
 - train: ``RandomResizedCrop(image_size)`` + ``RandomHorizontalFlip()``
-  (GradML §3.5, Metrix §4.5; NRA §5.7 crops 224 from an image resized to 256);
+  (GradML's and Metrix's recipe; NRA crops 224 from an image resized to 256);
 - eval: ``Resize(int(image_size * 256 / 224))`` + ``CenterCrop(image_size)``
   (256 -> 224 at the default size).
 
 ``image_size`` comes from ``dataset.image_size`` (default 224). LoOp's code resizes
-straight to 227 x 227 at test time (methods.md §1.10); this project uses the centre crop
-above for every method (one recipe, "A Metric Learning Reality Check").
+straight to 227 x 227 at test time (docs/datasets.md, "Transforms"); this project uses
+the centre crop above for every method (one recipe, "A Metric Learning Reality Check").
 """
 
 from __future__ import annotations

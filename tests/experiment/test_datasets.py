@@ -34,12 +34,6 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _image_check_cache(tmp_path, monkeypatch):
-    """load_splits remembers verified image lists in $XDG_CACHE_HOME: a folder of the test's."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-
-
 def _tree(case: str, folder: Path):
     return make_tree(case.split("-")[0], folder / case, **CASES[case])
 

@@ -10,14 +10,15 @@ that PML's own losses keep:
   zero (or the documented constant), never NaN;
 - ``check_finite_edge_cases``: coincident / collapsed / tiny batches have finite loss and
   finite gradients;
-- ``check_gradcheck``: ``torch.autograd.gradcheck`` in float64;
+- ``check_gradcheck``: ``torch.autograd.gradcheck`` in float64 (for piecewise-smooth
+  losses at a point that ``kink_free`` has checked, see ``smooth_batch``);
 - ``check_ref_emb``: ``ref_emb``/``ref_labels`` equal to the batch itself give the same
   loss as no ``ref_emb`` where the loss treats self-pairs the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from pytorch_metric_learning.losses import BaseMetricLossFunction
@@ -74,6 +75,49 @@ def check_finite_edge_cases(make_loss: LossFactory, dim: int = 8) -> None:
     assert_finite_loss_and_grad(make_loss(), emb, labels)
     assert_finite_loss_and_grad(make_loss(), emb[:2], torch.tensor([0, 1]))
     assert_finite_loss_and_grad(make_loss(), emb.float(), labels)
+
+
+def kink_free(
+    f: Callable[..., torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    h: float = 1e-5,
+    tol: float = 1e-4,
+) -> bool:
+    """Whether ``f`` (float64) has no kink within ``h`` of ``inputs`` along any coordinate.
+
+    The losses are piecewise smooth: hinges, hardest-example choices and the closest-point
+    solvers' choice between candidates switch branch at some inputs. Where such a switch
+    lies within gradcheck's step of the input, the CPU's rounding decides the branch and
+    the numerical derivative is a mix of two slopes. At a smooth point the forward and the
+    backward difference quotients agree to ``O(h f'')``; across a kink they differ by the
+    jump of the slope.
+    """
+    inputs = [t.detach().double() for t in inputs]
+    with torch.no_grad():
+        for k, t in enumerate(inputs):
+            flat = t.reshape(-1)
+            for i in range(flat.numel()):
+                values = []
+                for step in (-h, 0.0, h):
+                    moved = flat.clone()
+                    moved[i] += step
+                    args = [*inputs[:k], moved.reshape(t.shape), *inputs[k + 1 :]]
+                    values.append(f(*args))
+                forward = (values[2] - values[1]) / h
+                backward = (values[1] - values[0]) / h
+                if not torch.all((forward - backward).abs() <= tol):
+                    return False
+    return True
+
+
+def smooth_batch(
+    f: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``(emb, labels)`` of ``batches`` at which ``f(emb, labels)`` is kink-free."""
+    for emb, labels in batches:
+        if kink_free(lambda e, lab=labels: f(e, lab), [emb]):
+            return emb, labels
+    raise AssertionError("no kink-free batch: the loss has a kink near every input tried")
 
 
 def check_gradcheck(make_loss: LossFactory, emb: torch.Tensor, labels: torch.Tensor, **kw) -> None:

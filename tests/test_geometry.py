@@ -13,6 +13,7 @@ from pml_plugins.geometry import (
     closest_points_on_arcs,
     closest_points_on_segments,
 )
+from tests.loss_contract import kink_free
 
 DIMS = (3, 8, 64)
 CASES_PER_DIM = 110
@@ -256,6 +257,8 @@ def test_gradcheck_distance_float64():
                 gap_b = torch.linalg.norm(pt - b, dim=-1)
                 inside.append(torch.minimum(gap_a, gap_b) > 1e-9)
         assert (inside[0] & inside[1]).any() and (~inside[0] | ~inside[1]).any()
+        # no switch between candidate optima within 1e-5 (rounding would pick the branch)
+        assert kink_free(lambda *v, s=solver: s(*v)[2], ins)
         inputs = tuple(t.clone().requires_grad_(True) for t in ins)
         assert torch.autograd.gradcheck(
             lambda *v, s=solver: s(*v)[2], inputs, eps=1e-6, atol=1e-6, rtol=1e-4

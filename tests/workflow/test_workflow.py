@@ -196,16 +196,30 @@ def finished_grid(tmp_path_factory):
     )
     finished, interrupted = {}, None
     deadline = time.time() + 480
+
+    def state() -> tuple[list[Path], list[Path]]:
+        """Finished cells, and cells with a checkpoint but no metrics.json yet."""
+        done = [c for c in cells(work) if (c / "metrics.json").exists()]
+        busy = [
+            c
+            for c in cells(work)
+            if not (c / "metrics.json").exists() and list(c.glob("checkpoints/state_*.pth"))
+        ]
+        return done, busy
+
     try:
         while time.time() < deadline and first.poll() is None:
-            done = [c for c in cells(work) if (c / "metrics.json").exists()]
-            busy = [
-                c
-                for c in cells(work)
-                if not (c / "metrics.json").exists() and list(c.glob("checkpoints/state_*.pth"))
-            ]
+            done, busy = state()
             if done and busy:
+                # Freeze snakemake and its job, and look again: a job seen busy a moment
+                # ago may have finished since. Only a frozen, still-busy job is interrupted.
+                os.killpg(first.pid, signal.SIGSTOP)
+                done, busy = state()
+                if not (done and busy):
+                    os.killpg(first.pid, signal.SIGCONT)
+                    continue
                 os.killpg(first.pid, signal.SIGINT)  # Ctrl-C: snakemake and its job
+                os.killpg(first.pid, signal.SIGCONT)  # the pending SIGINT comes first
                 first.wait(timeout=120)
                 finished = {
                     c: (c / "metrics.json").stat().st_mtime_ns

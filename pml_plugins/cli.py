@@ -218,6 +218,12 @@ def _os_error_message(exc: BaseException) -> str | None:
     return None
 
 
+def _one_line(message: str) -> str:
+    """``message`` with its line breaks (and the indentation after them) as single spaces:
+    an error is one line on stderr, whatever the exception's text."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -236,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             message = _os_error_message(exc)
         if message is None:
             raise
-        print(f"pml-plugins: error: {message}", file=sys.stderr)
+        print(f"pml-plugins: error: {_one_line(message)}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

@@ -59,7 +59,7 @@ SINGULAR = {
     "trainers": "trainer",
     "testers": "tester",
     "optimizers": "optimizer",
-    "lr_schedulers": "lr scheduler",
+    "lr_schedulers": "learning-rate scheduler",
     "models": "model",
     "datasets": "dataset",
 }
@@ -280,6 +280,12 @@ def register(cls: type, name: str | None = None, kind: str | None = None) -> typ
     return cls
 
 
+def _a(kind: str) -> str:
+    """``"a loss"``, ``"an optimizer"``: one component of ``kind``, in words."""
+    word = SINGULAR.get(kind, kind)
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
 def entry(name: str, kind: str | None = None) -> Entry:
     """The registry entry of ``name``; ``kind`` restricts the search."""
     table = _table()
@@ -292,7 +298,7 @@ def entry(name: str, kind: str | None = None) -> Entry:
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
     what = SINGULAR.get(kind, "component") if kind else "component"
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    where = f" ({name!r} is registered, but as a {found.kind[:-1]})" if found is not None else ""
+    where = f" ({name!r} is registered, but as {_a(found.kind)})" if found is not None else ""
     raise UnknownComponentError(
         f"unknown {what} {name!r}{where}.{hint} Run `pml-plugins list` to see every "
         f"registered name, or register a class through the {ENTRY_POINT_GROUP!r} entry-point group."

@@ -80,6 +80,11 @@ def _train_file(content: bytes, *extra: str) -> Callable[[Path], list[str]]:
     return make
 
 
+def _train_without_data(folder: Path) -> list[str]:
+    config = _config(folder, dataset={"name": "cub200", "root": str(folder / "no data")})
+    return ["train", str(config), "--out", str(folder / "out")]
+
+
 def _train_folder(folder: Path) -> list[str]:
     (folder / "configs").mkdir()
     return ["train", str(folder / "configs"), "--out", str(folder / "out")]
@@ -130,7 +135,11 @@ GOOD_METRICS = json.dumps(
 ).encode()
 
 CASES = [
-    Case("lr-nan", _train(optimizers__trunk={"Adam": {"lr": float("nan")}}), "learning rate: nan"),
+    Case(
+        "lr-nan",
+        _train(optimizers__trunk={"Adam": {"lr": float("nan")}}),
+        "optimizers.trunk.Adam.lr: nan is not a finite number",
+    ),
     Case("lr-negative", _train(optimizers__embedder={"Adam": {"lr": -0.1}}), "rate: -0.1"),
     Case(
         "lr-yaml-string",
@@ -158,6 +167,42 @@ CASES = [
         _train(loss={"ArcFaceLoss": {"distance": "LpDistance"}}, miner=None),
         "loss: ArcFaceLoss cannot be built",
     ),
+    Case(
+        "lr-infinite",
+        _train(optimizers__trunk={"Adam": {"lr": float("inf")}}),
+        "optimizers.trunk.Adam.lr: inf is not a finite number",
+    ),
+    Case(
+        "lr-nan-sgd",  # SGD's constructor, unlike Adam's, lets a NaN learning rate through
+        _train(optimizers__trunk={"SGD": {"lr": float("nan")}}),
+        "optimizers.trunk.SGD.lr: nan is not a finite number",
+    ),
+    Case(
+        "betas-nan",
+        _train(optimizers__trunk={"Adam": {"lr": 0.001, "betas": [0.9, float("nan")]}}),
+        "optimizers.trunk.Adam.betas: [0.9, nan] holds nan",
+    ),
+    Case(
+        "scheduler-kwarg-type",  # StepLR takes any step_size and fails at its first step
+        _train(lr_schedulers={"trunk": {"StepLR": {"step_size": "x"}}}),
+        "lr_schedulers.trunk: StepLR cannot be built from these arguments",
+    ),
+    Case(
+        "loss-embedding-size-not-the-model's",
+        _train(loss={"ProxyAnchorLoss": {"embedding_size": 32}}, miner=None),
+        "loss.ProxyAnchorLoss.embedding_size: 32, but model.embedding_size is 64",
+    ),
+    Case(
+        "loss-num-classes-too-few",
+        _train(loss={"ProxyAnchorLoss": {"num_classes": 2}}, miner=None),
+        "loss.ProxyAnchorLoss.num_classes: 2, but the training split has 5 classes",
+    ),
+    Case(
+        "miner-names-a-loss",
+        _train(miner="ContrastiveLoss"),
+        "miner: unknown miner 'ContrastiveLoss' ('ContrastiveLoss' is registered, but as a loss)",
+    ),
+    Case("data-folder-missing", _train_without_data, "cub200: the data set was not found"),
     Case(
         "sampler-m-string",
         _train(sampler={"MPerClassSampler": {"m": "x"}}),
@@ -323,6 +368,18 @@ def test_broken_entry_point_is_a_warning_and_skipped(tmp_path, monkeypatch, capl
     finally:
         monkeypatch.undo()
         registry.refresh()
+
+
+def test_a_message_over_several_lines_is_printed_as_one(tmp_path, monkeypatch, capsys):
+    from pml_plugins import cli
+    from pml_plugins.experiment.config import ConfigError
+
+    def fails(args: object) -> int:
+        raise ConfigError("first line\n  second line,\nthird")
+
+    monkeypatch.setattr(cli, "cmd_validate", fails)
+    assert main(["validate", str(tmp_path / "any.yaml")]) == 2
+    assert capsys.readouterr().err == f"{PREFIX} first line second line, third\n"
 
 
 def test_full_disk_is_one_error_line(tmp_path, monkeypatch, capsys):

@@ -83,9 +83,18 @@ def test_unknown_name_suggests_close_names():
     assert "pml-plugins list" in str(err.value)
 
 
-def test_wrong_kind_is_reported():
-    with pytest.raises(registry.UnknownComponentError, match="registered, but as a"):
-        registry.get("TripletMarginLoss", "miners")
+@pytest.mark.parametrize(
+    ("name", "kind", "found"),
+    [
+        ("TripletMarginLoss", "miners", "a loss"),
+        ("MultiSimilarityMiner", "losses", "a miner"),
+        ("Adam", "losses", "an optimizer"),
+        ("StepLR", "optimizers", "a learning-rate scheduler"),
+    ],
+)
+def test_wrong_kind_is_reported(name, kind, found):
+    with pytest.raises(registry.UnknownComponentError, match=f"registered, but as {found}\\)"):
+        registry.get(name, kind)
 
 
 def test_unknown_kwarg_names_the_allowed_ones():

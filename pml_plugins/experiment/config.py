@@ -4,17 +4,22 @@ One JSON Schema (``experiment.schema.yaml`` beside this module) describes the fi
 Snakemake workflow validates each grid cell against the same file. After the schema,
 ``validate`` checks what a schema cannot: that every component name resolves in the
 registry as the right kind, that each argument whose default is a number (or true /
-false) is given one, that the loss, miner, optimisers and learning-rate schedulers can be
-built from their arguments (they are built once, on the CPU, and dropped), and that the
-data folder exists. ``check_sampler`` checks the batch / sampler combination against the
-data set's labels once they are loaded. Every error is a ``ConfigError`` naming the key
-path, the bad value and what is allowed.
+false) is given one, that no argument is NaN (nor, for an optimiser or a learning-rate
+scheduler, infinite), that a loss's ``embedding_size`` is the model's, that the loss,
+miner, optimisers and learning-rate schedulers can be built from their arguments (they are
+built once, on the CPU, and dropped; a scheduler also takes one step), and that the data
+folder exists. ``check_labels`` (also reachable as ``check_sampler``) checks the batch /
+sampler combination and a loss's ``num_classes`` against the training labels once they
+are loaded. Every error is a ``ConfigError`` naming the key path, the bad value and what
+is allowed.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import inspect
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +46,8 @@ SAMPLER_RUNTIME_KWARGS = ("labels", "length_before_new_iter", "batch_size")
 TRIAL_NUM_CLASSES = 2
 #: the optimiser a learning-rate scheduler is tried on where the config names none
 TRIAL_OPTIMIZER = {"Adam": {"lr": 1e-3}}
+#: kinds whose numeric arguments must be finite (an infinite learning rate is never meant)
+FINITE_KINDS = ("optimizers", "lr_schedulers")
 
 
 class ConfigError(ValueError):
@@ -167,6 +174,28 @@ def _check_argument_types(key: str, cls: type, kwargs: Mapping[str, Any]) -> Non
             raise ConfigError(f"{key}.{arg}: {problem}")
 
 
+def _non_finite(value: Any) -> float | None:
+    """The first NaN or infinite number in ``value`` (a number or a list of them), else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            found = _non_finite(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _check_finite(key: str, kwargs: Mapping[str, Any], allow_infinite: bool) -> None:
+    """No argument is NaN; none is infinite unless ``allow_infinite``."""
+    for arg, value in kwargs.items():
+        bad = _non_finite(value)
+        if bad is None or (allow_infinite and not math.isnan(bad)):
+            continue
+        what = "is not a finite number" if bad is value else f"holds {bad!r}"
+        raise ConfigError(f"{key}.{arg}: {value!r} {what}; use a finite number")
+
+
 def _check_spec(key: str, spec: Any, kind: str) -> None:
     name, kwargs = registry.parse_spec(spec)
     try:
@@ -182,6 +211,7 @@ def _check_spec(key: str, spec: Any, kind: str) -> None:
                 f"{name} takes: {', '.join(p for p in params if p not in SAMPLER_RUNTIME_KWARGS)}"
             )
     _check_argument_types(f"{key}.{name}", cls, kwargs)
+    _check_finite(f"{key}.{name}", kwargs, allow_infinite=kind not in FINITE_KINDS)
     for sub_key, value in kwargs.items():
         if sub_key in registry.NESTED_KEYS and registry.names_component(value):
             _check_spec(f"{key}.{name}.{sub_key}", value, None)
@@ -197,6 +227,18 @@ def _check_components(config: Mapping[str, Any]) -> None:
     for group, kind in (("optimizers", "optimizers"), ("lr_schedulers", "lr_schedulers")):
         for part, spec in (config.get(group) or {}).items():
             _check_spec(f"{group}.{part}", spec, kind)
+    _check_loss_embedding_size(config)
+
+
+def _check_loss_embedding_size(config: Mapping[str, Any]) -> None:
+    """A loss given its own ``embedding_size`` (a proxy loss) must be given the model's."""
+    name, kwargs = registry.parse_spec(config["loss"])
+    given, model = kwargs.get("embedding_size"), config["model"]["embedding_size"]
+    if given is not None and given != model:
+        raise ConfigError(
+            f"loss.{name}.embedding_size: {given!r}, but model.embedding_size is {model}; "
+            f"leave it out (the runner passes model.embedding_size) or set both alike"
+        )
 
 
 def _trial_build(key: str, spec: Any, build: Callable[[], Any]) -> Any:
@@ -217,6 +259,27 @@ def _trial_build(key: str, spec: Any, build: Callable[[], Any]) -> Any:
             raise ConfigError(
                 f"{key}: {name} cannot be built from these arguments: {reason}"
             ) from None
+
+
+def _trial_step(optimizer: Any, scheduler: Any) -> None:
+    """One optimiser step (no gradient: nothing changes) and one scheduler step: the
+    scheduler's arithmetic on its arguments (``StepLR(step_size="x")``) runs now, not
+    after the first epoch. Arguments the step requires (a plateau scheduler's metric)
+    are given 0.0."""
+    if _required_arguments(optimizer.step) == 0:
+        optimizer.step()
+    scheduler.step(*[0.0] * _required_arguments(scheduler.step))
+
+
+def _required_arguments(method: Callable[..., Any]) -> int:
+    """How many positional arguments ``method`` needs (besides ``self``, which a step
+    wrapped by a scheduler shows)."""
+    return sum(
+        p.default is inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        and name != "self"
+        for name, p in inspect.signature(method).parameters.items()
+    )
 
 
 def _dummy_parameters() -> list[Any]:
@@ -254,7 +317,9 @@ def _check_buildable(config: Mapping[str, Any]) -> None:
 
         def build(spec: Any = spec, opt_spec: Any = opt_spec) -> Any:
             opt = registry.build(opt_spec, "optimizers", params=_dummy_parameters())
-            return registry.build(spec, "lr_schedulers", optimizer=opt)
+            scheduler = registry.build(spec, "lr_schedulers", optimizer=opt)
+            _trial_step(opt, scheduler)
+            return scheduler
 
         _trial_build(f"lr_schedulers.{part}", spec, build)
 
@@ -355,7 +420,25 @@ def _check_count(key: str, value: Any) -> None:
         raise ConfigError(f"{key}: {value!r} is not allowed; use a whole number of at least 1")
 
 
-def check_sampler(config: Mapping[str, Any], labels: np.ndarray) -> None:
+def check_labels(config: Mapping[str, Any], labels: np.ndarray) -> None:
+    """What needs the training ``labels``: the batch / sampler combination must be
+    possible on them, and a loss given ``num_classes`` must have a class for each."""
+    _check_sampler_on(config, labels)
+    _check_loss_classes(config, labels)
+
+
+def _check_loss_classes(config: Mapping[str, Any], labels: np.ndarray) -> None:
+    name, kwargs = registry.parse_spec(config["loss"])
+    given, needed = kwargs.get("num_classes"), len(np.unique(labels))
+    if _is_number(given) and given < needed:
+        raise ConfigError(
+            f"loss.{name}.num_classes: {given}, but the training split has {needed} classes; "
+            f"leave it out (the runner passes the number of training classes) or use at "
+            f"least {needed}"
+        )
+
+
+def _check_sampler_on(config: Mapping[str, Any], labels: np.ndarray) -> None:
     """The batch / sampler combination must be possible on these labels."""
     spec = config.get("sampler")
     if spec is None:
@@ -394,6 +477,10 @@ def check_sampler(config: Mapping[str, Any], labels: np.ndarray) -> None:
             f"sampler.{name}.classes_per_batch: {classes} classes per batch but the training "
             f"split has {len(counts)}; lower it"
         )
+
+
+#: the earlier name of :func:`check_labels`
+check_sampler = check_labels
 
 
 def dump(config: Mapping[str, Any], path: str | Path) -> None:

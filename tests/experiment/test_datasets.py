@@ -198,6 +198,7 @@ def test_missing_folder_names_folder_layout_and_source(tmp_path, name):
     msg = str(err.value)
     assert str(missing.resolve()) in msg
     assert "Expected layout" in msg and URLS[name] in msg
+    assert "\n" not in msg  # the CLI prints it as one error line
     with pytest.raises(FileNotFoundError, match="dataset.root is not set"):
         check_root(name, None)
 

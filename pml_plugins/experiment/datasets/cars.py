@@ -39,14 +39,14 @@ SOURCE = (
 CAN_DOWNLOAD = True
 SPLITS = ("train", "test")
 OFFICIAL_SIZES = {"train": 8054, "test": 8131}
-LAYOUT = """\
-  either the original release:
-    <root>/cars_annos.mat                      struct 'annotations' (relative_im_path, class)
-    <root>/car_ims/<image>.jpg
-  or the Kaggle class-folder mirror (what dataset.download: true fetches):
-    <root>/names.csv                           one class name per line (196 lines)
-    <root>/anno_train.csv, <root>/anno_test.csv  "<file>,<x1>,<y1>,<x2>,<y2>,<class_id>"
-    <root>/car_data/car_data/{train,test}/<class name>/<file>"""
+LAYOUT = (
+    "either the original release, <root>/cars_annos.mat (struct 'annotations' with "
+    "relative_im_path, class) and <root>/car_ims/<image>.jpg; or the Kaggle class-folder "
+    "mirror (what dataset.download: true fetches), <root>/names.csv (one class name per "
+    'line, 196 lines), <root>/anno_train.csv and <root>/anno_test.csv ("<file>,<x1>,<y1>,'
+    '<x2>,<y2>,<class_id>" per line) and <root>/car_data/car_data/{train,test}/<class name>/'
+    "<file>"
+)
 MAT_REQUIRED = ("cars_annos.mat", "car_ims")
 CSV_REQUIRED = ("names.csv", "anno_train.csv", "anno_test.csv", "car_data/car_data")
 

@@ -169,14 +169,14 @@ def layout_error(
     source: str,
     download_hint: bool,
 ) -> FileNotFoundError:
-    """The FileNotFoundError of a missing or incomplete data folder."""
+    """The FileNotFoundError of a missing or incomplete data folder, in one line: what is
+    missing where, the expected ``layout`` (one line), and where to get the data."""
     where = "dataset.root is not set" if root is None else f"looked in {Path(root).resolve()}"
     missing = list(missing)
     what = f" (missing: {', '.join(missing)})" if missing else ""
     how = " or set dataset.download: true" if download_hint else ""
     return FileNotFoundError(
-        f"{name}: the data set was not found; {where}{what}.\n"
-        f"Expected layout:\n{layout.rstrip()}\n"
+        f"{name}: the data set was not found; {where}{what}. Expected layout: {layout}. "
         f"Get it from {source}{how}, and set dataset.root to its folder."
     )
 

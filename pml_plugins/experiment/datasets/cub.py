@@ -27,12 +27,12 @@ SOURCE = "https://www.vision.caltech.edu/datasets/cub_200_2011/"
 CAN_DOWNLOAD = True
 SPLITS = ("train", "test")
 OFFICIAL_SIZES = {"train": 5864, "test": 5924}
-LAYOUT = """\
-  <root>/CUB_200_2011/images.txt              "<image_id> <relative path>" per line
-  <root>/CUB_200_2011/image_class_labels.txt  "<image_id> <class_id 1..200>" per line
-  <root>/CUB_200_2011/images/<class folder>/<image>.jpg
-  (dataset.root may also be the CUB_200_2011 folder itself: the official
-  CUB_200_2011.tgz, extracted)"""
+LAYOUT = (
+    '<root>/CUB_200_2011/images.txt ("<image_id> <relative path>" per line), '
+    '<root>/CUB_200_2011/image_class_labels.txt ("<image_id> <class_id 1..200>" per line), '
+    "<root>/CUB_200_2011/images/<class folder>/<image>.jpg (the official CUB_200_2011.tgz, "
+    "extracted; dataset.root may also be the CUB_200_2011 folder itself)"
+)
 REQUIRED = ("images.txt", "image_class_labels.txt", "images")
 
 

@@ -26,11 +26,12 @@ SOURCE = (
 CAN_DOWNLOAD = False
 SPLITS = ("train", "query", "gallery")
 OFFICIAL_SIZES = {"train": 25882, "query": 14218, "gallery": 12612}
-LAYOUT = """\
-  <root>/Eval/list_eval_partition.txt   a count line, a header line, then
-                                        "<image_name> <item_id> <train|query|gallery>"
-  <root>/Img/img/<GENDER>/<category>/<item_id>/<image>.jpg
-  (list_eval_partition.txt and img/ directly under <root> work as well)"""
+LAYOUT = (
+    "<root>/Eval/list_eval_partition.txt (a count line, a header line, then "
+    '"<image_name> <item_id> <train|query|gallery>" per line), '
+    "<root>/Img/img/<GENDER>/<category>/<item_id>/<image>.jpg (list_eval_partition.txt and "
+    "img/ directly under <root> work as well)"
+)
 LIST_NAME = "list_eval_partition.txt"
 COLUMNS = ("image_name", "item_id", "evaluation_status")
 
@@ -58,7 +59,7 @@ def check_root(root: str | Path | None, download: bool = False) -> None:
     if missing:
         err = layout_error(NAME, root, missing, LAYOUT, SOURCE, download_hint=False)
         if download:
-            err.args = (err.args[0] + "\n(dataset.download: true does not apply to inshop)",)
+            err.args = (err.args[0] + " (dataset.download: true does not apply to inshop)",)
         raise err
 
 

@@ -28,13 +28,13 @@ SOURCE = "https://cvgl.stanford.edu/projects/lifted_struct/"
 CAN_DOWNLOAD = True
 SPLITS = ("train", "test")
 OFFICIAL_SIZES = {"train": 59551, "test": 60502}
-LAYOUT = """\
-  <root>/Stanford_Online_Products/Ebay_train.txt  header, then
-                                                  "<image_id> <class_id> <super_class_id> <path>"
-  <root>/Stanford_Online_Products/Ebay_test.txt
-  <root>/Stanford_Online_Products/<category>_final/<image>.JPG
-  (dataset.root may also be the Stanford_Online_Products folder itself: the official
-  Stanford_Online_Products.zip, extracted)"""
+LAYOUT = (
+    "<root>/Stanford_Online_Products/Ebay_train.txt and Ebay_test.txt (a header line, then "
+    '"<image_id> <class_id> <super_class_id> <path>" per line), '
+    "<root>/Stanford_Online_Products/<category>_final/<image>.JPG (the official "
+    "Stanford_Online_Products.zip, extracted; dataset.root may also be the "
+    "Stanford_Online_Products folder itself)"
+)
 REQUIRED = ("Ebay_train.txt", "Ebay_test.txt")
 COLUMNS = ("image_id", "class_id", "super_class_id", "path")
 

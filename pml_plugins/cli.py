@@ -60,7 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:
     """The ``metrics.json`` of a finished run folder; a RunFileError where it is missing,
-    damaged or not a run's metrics."""
+    damaged or not a run's metrics (both stages, as ``evaluate`` prints them side by side)."""
+    from .experiment.aggregate import metrics_problem
     from .experiment.files import RunFileError, read_json
 
     path = run_dir / "metrics.json"
@@ -79,8 +80,9 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
         f"{run_dir} --resume` (it reloads the last checkpoint)"
     )
     metrics = read_json(path, fix=fix)
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("trained"), dict):
-        raise RunFileError(f"{path} does not hold a run's metrics (no 'trained' block); {fix}")
+    problem = metrics_problem(metrics, required=("trained", "untrained"))
+    if problem is not None:
+        raise RunFileError(f"{path} does not hold a run's metrics ({problem}); {fix}")
     return metrics
 
 

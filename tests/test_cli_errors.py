@@ -225,8 +225,23 @@ CASES = [
     Case("aggregate-truncated-metrics", _aggregate(GOOD_METRICS[:40]), "metrics.json is damaged"),
     Case("aggregate-empty-metrics", _aggregate(b""), "metrics.json is empty"),
     Case("aggregate-metrics-not-an-object", _aggregate(b"[1, 2]\n"), "does not hold a run's"),
+    Case(
+        "aggregate-metrics-split-not-a-mapping",
+        _aggregate(b'{"trained": {"test": [1]}}'),
+        "does not hold a run's metrics (trained.test is [1], not a mapping of metric names",
+    ),
+    Case(
+        "aggregate-metric-not-a-number",
+        _aggregate(b'{"trained": {"test": {"precision_at_1": "x"}}}'),
+        "(trained.test.precision_at_1 is 'x', not a number)",
+    ),
     Case("evaluate-truncated-metrics", _evaluate(GOOD_METRICS[:40]), "metrics.json is damaged"),
     Case("evaluate-metrics-without-trained", _evaluate(b"{}\n"), "does not hold a run's"),
+    Case(
+        "evaluate-metrics-without-untrained",
+        _evaluate(b'{"trained": {"test": {"precision_at_1": 0.9}}}'),
+        "does not hold a run's metrics (no 'untrained' block)",
+    ),
     Case("evaluate-a-file", _evaluate_file, "is a file, not a run folder"),
     Case("train-out-is-a-file", _out_is_a_file("train"), "taken.txt: a file is in the way"),
     Case("aggregate-out-in-a-file", _out_is_a_file("aggregate"), "a file is in the way of a"),

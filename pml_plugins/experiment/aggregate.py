@@ -98,6 +98,37 @@ class Run:
 # ---------------------------------------------------------------- reading
 
 
+#: the blocks of ``metrics.json``: before training and after
+STAGES = ("untrained", "trained")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def metrics_problem(metrics: Any, required: Sequence[str] = ("trained",)) -> str | None:
+    """Why a parsed ``metrics.json`` is not a run's metrics, or None where it is: the
+    ``required`` stages are there, and each stage maps split -> metric name -> number."""
+    if not isinstance(metrics, dict):
+        return f"no {required[0]!r} block"
+    for stage in required:
+        if stage not in metrics:
+            return f"no {stage!r} block"
+    for stage in STAGES:
+        block = metrics.get(stage)
+        if block is None and stage not in required:
+            continue
+        if not isinstance(block, dict):
+            return f"{stage!r} is {block!r}, not a mapping of splits"
+        for split, values in block.items():
+            if not isinstance(values, dict):
+                return f"{stage}.{split} is {values!r}, not a mapping of metric names to numbers"
+            for name, value in values.items():
+                if not _is_number(value):
+                    return f"{stage}.{split}.{name} is {value!r}, not a number"
+    return None
+
+
 def read_run_metrics(path: Path, runs_dir: Path) -> dict[str, Any]:
     """A run's ``metrics.json``; a :class:`RunFileError` naming the file where it is
     damaged or does not hold a run's metrics (a table without that run would be wrong)."""
@@ -107,8 +138,9 @@ def read_run_metrics(path: Path, runs_dir: Path) -> dict[str, Any]:
         f"{folder} --resume`, or move {folder} out of {runs_dir}"
     )
     metrics = read_json(path, fix=fix)
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("trained"), dict):
-        raise RunFileError(f"{path} does not hold a run's metrics (no 'trained' block); {fix}")
+    problem = metrics_problem(metrics)
+    if problem is not None:
+        raise RunFileError(f"{path} does not hold a run's metrics ({problem}); {fix}")
     return metrics
 
 

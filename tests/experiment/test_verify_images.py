@@ -35,10 +35,8 @@ CORRUPTIONS: dict[str, Callable[[bytes], bytes]] = {
 
 @pytest.fixture(autouse=True)
 def cache_home(tmp_path, monkeypatch) -> Path:
-    """A cache folder of this test's own (``$XDG_CACHE_HOME``; the package's own variable,
-    set for every test by conftest.py, unset here)."""
+    """A cache folder of this test's own (``$XDG_CACHE_HOME``)."""
     home = tmp_path / "cache"
-    monkeypatch.delenv(verify.CACHE_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(home))
     return home
 
@@ -118,18 +116,6 @@ def test_a_verified_list_is_not_decoded_again(tmp_path, decodes, cache_home):
     os.utime(tree.images[0], ns=(1, 1))
     load_splits(config)
     assert len(decodes) == len(tree.images)
-
-
-def test_the_package_cache_variable_moves_the_cache(tmp_path, decodes, cache_home, monkeypatch):
-    tree = _tree("cub200", tmp_path)
-    moved = tmp_path / "elsewhere"
-    monkeypatch.setenv(verify.CACHE_ENV, str(moved))
-    load_splits(tree.config(image_size=SIZE))
-    assert len(list((moved / "verified-images").iterdir())) == 1
-    assert not (cache_home / "pml-plugins").exists()
-    decodes.clear()
-    load_splits(tree.config(image_size=SIZE))
-    assert decodes == []
 
 
 def test_a_failed_check_is_not_remembered(tmp_path, decodes):

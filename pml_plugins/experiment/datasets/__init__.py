@@ -19,8 +19,8 @@ returns ``(image tensor, label)``.
 ``check_root`` raises ``FileNotFoundError`` before training when the folder is missing or
 incomplete, naming the folder, the expected layout and where to get the data.
 ``load_splits`` decodes every image the splits hold once (:mod:`.verify`; remembered in
-the user's cache folder, ``$PML_PLUGINS_CACHE_DIR`` or ``~/.cache/pml-plugins``, per image
-list, sizes and modification times) and raises :class:`CorruptImagesError`, also a
+the user's cache folder, ``$XDG_CACHE_HOME/pml-plugins`` or ``~/.cache/pml-plugins``, per
+image list, sizes and modification times) and raises :class:`CorruptImagesError`, also a
 ``FileNotFoundError``, naming a file that cannot be decoded, before anything is trained
 or written.
 """

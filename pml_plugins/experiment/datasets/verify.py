@@ -7,8 +7,8 @@ decoders release the GIL), and raises :class:`CorruptImagesError` naming the fir
 file, the reason, and how many of the images are bad.
 
 A successful check is remembered in a small file under the user's cache folder
-(``$PML_PLUGINS_CACHE_DIR/verified-images/``, else ``$XDG_CACHE_HOME/pml-plugins/...``,
-else ``~/.cache/pml-plugins/...``), never in the data folder (which may be read-only). Its name is a fingerprint of the image
+(``$XDG_CACHE_HOME/pml-plugins/verified-images/``, else ``~/.cache/pml-plugins/...``),
+never in the data folder (which may be read-only). Its name is a fingerprint of the image
 list: every path with its size and modification time, and the Pillow version. The same
 images unchanged are not decoded again; a replaced, re-extracted or touched file changes
 the fingerprint, and the list is decoded again. Failures are not remembered.
@@ -57,15 +57,8 @@ class Verification:
     cache_file: Path | None
 
 
-#: the environment variable that sets this package's cache folder
-CACHE_ENV = "PML_PLUGINS_CACHE_DIR"
-
-
 def cache_dir() -> Path:
-    """``$PML_PLUGINS_CACHE_DIR``, else ``$XDG_CACHE_HOME/pml-plugins``, else
-    ``~/.cache/pml-plugins``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
+    """``$XDG_CACHE_HOME/pml-plugins`` (default ``~/.cache/pml-plugins``)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
     return Path(base) / "pml-plugins"
 

@@ -3,20 +3,28 @@
 Run folder (``config["output"]``)::
 
     config.yaml     the merged config (defaults filled in)
+    run.json        the config's fingerprint and the run's status (:mod:`.run_folder`)
+    untrained_metrics.json  the untrained model's metrics, computed once
     metrics.json    {"untrained": {split: {metric: value}}, "trained": {...}, ...}
     manifest.json   versions, git revision, seed, device, wall time, data fingerprint
     logs/           record-keeper CSVs and logs.db (SQLite)
     checkpoints/    models, optimizers, RNG and plugin state of the last finished epoch
 
-Everything that can fail on bad input (config, data folder, sampler vs data) fails in
-``prepare`` before the run folder is created. A run killed mid-way continues from its
-last finished epoch with ``resume=True``.
+Everything that can fail on bad input (config, data folder, sampler vs data, a run folder
+holding another experiment) fails in ``prepare`` before anything is written. The run
+folder is locked while a run writes it, every file is written atomically
+(:mod:`.files`), and ``--resume`` continues only the same experiment (:mod:`.run_folder`
+lists the keys that may differ). A run killed mid-way continues from its last finished
+epoch with ``resume=True``; on the CPU the result is bit for bit that of the
+uninterrupted run (:mod:`.checkpoint`). A non-finite loss or weight stops the run at once
+(:class:`NonFiniteError`): no non-finite checkpoint is written and ``run.json`` says the
+run failed and why.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 import random
 import subprocess
@@ -33,15 +41,15 @@ import torch
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from .. import registry
+from . import checkpoint, distributed, files, run_folder
 from . import config as cfg_mod
 from . import data as data_mod
-from . import distributed
 from .amp import enable_amp
 from .evaluate import Calculator
 from .models import Embedder
 
 LOG = logging.getLogger("pml_plugins")
-STATE_PREFIX = "state_"
+STATE_PREFIX = checkpoint.STATE_PREFIX
 CLUSTERING_MAX_CLASSES = 5000
 #: record-keeper logs losses and component stats every LOG_FREQ iterations
 LOG_FREQ = 5
@@ -49,6 +57,10 @@ LOG_FREQ = 5
 
 class RunError(RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
+
+
+class NonFiniteError(RunError):
+    """A loss or a weight became NaN or infinite; the run stopped."""
 
 
 @dataclass
@@ -60,6 +72,8 @@ class Prepared:
     out: Path
     device: torch.device
     resume_epoch: int = 0
+    finished: bool = False
+    reuse_untrained: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -94,12 +108,7 @@ def seed_everything(seed: int) -> None:
 
 def latest_checkpoint(folder: Path) -> int:
     """The last epoch whose checkpoint was completely written (0 if none)."""
-    epochs = [
-        int(p.stem[len(STATE_PREFIX) :])
-        for p in folder.glob(f"{STATE_PREFIX}*.pth")
-        if p.stem[len(STATE_PREFIX) :].isdigit()
-    ]
-    return max(epochs, default=0)
+    return checkpoint.latest(folder)
 
 
 def prepare(
@@ -112,9 +121,24 @@ def prepare(
     device = resolve_device(config["device"])
     if config["amp"] != "off" and device.type != "cuda" and config["amp"] == "fp16":
         raise cfg_mod.ConfigError("amp: 'fp16' needs a CUDA device; use 'bf16' or 'off' on the CPU")
+    resume_epoch, finished, same = check_folder(config, out, resume)
+    try:
+        splits = data_mod.load_splits(config["dataset"])
+    except FileNotFoundError as exc:
+        raise cfg_mod.ConfigError(f"dataset.root: {exc}") from None
+    cfg_mod.check_sampler(config, data_mod.labels_of(splits["train"]))
+    return Prepared(config, splits, out, device, resume_epoch, finished, same)
+
+
+def check_folder(config: Mapping[str, Any], out: Path, resume: bool) -> tuple[int, bool, bool]:
+    """What ``out`` holds, checked against ``config`` and ``resume`` before anything is
+    written (and again once the folder is locked): ``(last checkpoint epoch, finished, the
+    folder's record is of this config)``. Refuses a finished or started run without
+    ``resume``, and with ``resume`` a run of another experiment."""
     ckpt = out / "checkpoints"
     resume_epoch = latest_checkpoint(ckpt) if ckpt.is_dir() else 0
-    if (out / "metrics.json").exists() and not resume:
+    finished = (out / "metrics.json").exists()
+    if finished and not resume:
         raise RunError(
             f"{out} already holds a finished run (metrics.json); pass --resume to keep it, "
             f"or choose another --out"
@@ -124,12 +148,25 @@ def prepare(
             f"{out} holds checkpoints up to epoch {resume_epoch}; pass --resume to continue "
             f"that run, or choose another --out"
         )
-    try:
-        splits = data_mod.load_splits(config["dataset"])
-    except FileNotFoundError as exc:
-        raise cfg_mod.ConfigError(f"dataset.root: {exc}") from None
-    cfg_mod.check_sampler(config, data_mod.labels_of(splits["train"]))
-    return Prepared(config, splits, out, device, resume_epoch)
+    record = run_folder.read_record(out) if out.is_dir() else None
+    if record is None:
+        return resume_epoch, finished, False
+    changed = run_folder.differences(record["config"], config)
+    started = resume_epoch > 0 or finished or (out / "untrained_metrics.json").exists()
+    if changed and resume and started:
+        what = "a finished run" if finished else f"a run stopped after epoch {resume_epoch}"
+        hint = (
+            "extending the epochs of a finished run is not supported: start a new run "
+            "folder with another --out"
+            if finished and any(c.startswith("epochs:") for c in changed)
+            else "train this config into another --out"
+        )
+        raise RunError(
+            f"{out} holds {what} of another config; --resume continues only the same "
+            f"experiment (only {', '.join(run_folder.ALLOWED_TO_DIFFER)} may differ), but "
+            f"these keys differ (run's -> now): {'; '.join(changed)}; {hint}"
+        )
+    return resume_epoch, finished, not changed
 
 
 # ---------------------------------------------------------------- building
@@ -137,11 +174,7 @@ def prepare(
 
 def _with_runtime_kwargs(spec: Any, kind: str, **available: Any) -> Any:
     """Build ``spec``, passing the ``available`` kwargs that its class accepts."""
-    name, kwargs = registry.parse_spec(spec)
-    cls = registry.get(name, kind)
-    params = registry.constructor_arguments(cls) or []
-    extra = {k: v for k, v in available.items() if k in params and k not in kwargs}
-    return registry.build({name: kwargs}, kind, **extra)
+    return registry.build_accepting(spec, kind, **available)
 
 
 def build_models(config: Mapping[str, Any], sample: torch.Tensor) -> dict[str, torch.nn.Module]:
@@ -269,37 +302,56 @@ def _plugin_states(trainer, sampler) -> dict[str, Any]:
     return states
 
 
+def _saveable(trainer, hooks) -> dict[str, dict[str, Any]]:
+    return {x: dict(getattr(trainer, x, None) or {}) for x in hooks.saveable_trainer_objects}
+
+
+def check_finite_weights(trainer) -> None:
+    """Raise :class:`NonFiniteError` where a model or loss parameter is NaN or infinite."""
+    groups = {**trainer.models, **trainer.loss_funcs}
+    for part, module in groups.items():
+        for name, param in module.named_parameters():
+            if not torch.isfinite(param).all():
+                raise NonFiniteError(
+                    f"epoch {trainer.epoch}: the weight {part}.{name} is not finite after "
+                    f"iteration {trainer.iteration}; {NON_FINITE_CAUSES}"
+                )
+
+
+def check_finite_losses(trainer) -> None:
+    """Raise :class:`NonFiniteError` where a loss of the last iteration is NaN or infinite."""
+    for name, value in trainer.losses.items():
+        number = float(value.detach()) if torch.is_tensor(value) else float(value)
+        if not math.isfinite(number):
+            raise NonFiniteError(
+                f"epoch {trainer.epoch}, iteration {trainer.iteration}: the loss {name} is "
+                f"{number}; {NON_FINITE_CAUSES}"
+            )
+
+
+NON_FINITE_CAUSES = (
+    "likely causes: a learning rate too high (optimizers: ... lr), or with amp: fp16 an "
+    "fp16 overflow (use bf16 or off); the run stopped, no checkpoint of it was written and "
+    "run.json says it failed; fix the config and train into another --out"
+)
+
+
 def save_checkpoint(trainer, hooks, folder: Path, epoch: int, sampler) -> None:
-    """Models + optimizers of ``epoch``, then the state file that marks it complete."""
-    hooks.save_models(trainer, str(folder), epoch)
+    """Models, optimizers, ... of ``epoch``, then the state file that marks it complete;
+    weights that are not finite are refused (:class:`NonFiniteError`)."""
+    check_finite_weights(trainer)
     state = {
         "epoch": epoch,
-        "rng": {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "pml_numpy": c_f.NUMPY_RANDOM.get_state(),
-            "torch": torch.get_rng_state(),
-        },
+        "rng": checkpoint.rng_state(),
         "plugins": _plugin_states(trainer, sampler),
     }
-    tmp = folder / f".{STATE_PREFIX}{epoch}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, folder / f"{STATE_PREFIX}{epoch}.pth")
-    previous = epoch - 1
-    if previous > 0:
-        for obj_dict in [getattr(trainer, x, {}) for x in hooks.saveable_trainer_objects]:
-            c_f.delete_dict_of_models(obj_dict, previous, str(folder))
-        (folder / f"{STATE_PREFIX}{previous}.pth").unlink(missing_ok=True)
+    checkpoint.save(_saveable(trainer, hooks), folder, epoch, state)
 
 
 def load_checkpoint(trainer, hooks, folder: Path, epoch: int, device, sampler) -> None:
-    for obj_dict in [getattr(trainer, x, {}) for x in hooks.saveable_trainer_objects]:
-        c_f.load_dict_of_models(obj_dict, epoch, str(folder), device)
-    state = torch.load(folder / f"{STATE_PREFIX}{epoch}.pth", weights_only=False)
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    c_f.NUMPY_RANDOM.set_state(state["rng"]["pml_numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
+    """Load ``epoch``'s checkpoint (``torch.load(weights_only=True)``, nothing unpickled)."""
+    state = checkpoint.load(_saveable(trainer, hooks), folder, epoch, device)
+    checkpoint.set_rng_state(state["rng"])
     plugins = state.get("plugins", {})
     for name, obj in (("trainer", trainer), ("sampler", sampler)):
         if name in plugins:
@@ -372,7 +424,56 @@ def manifest(prep: Prepared, wall_time: float, epochs_run: int) -> dict[str, Any
 
 
 def train_and_evaluate(prep: Prepared) -> dict[str, Any]:
-    """Train from a prepared config and write the run folder; returns metrics.json's content."""
+    """Train from a prepared config and write the run folder; returns metrics.json's content.
+
+    The main process locks the run folder for the whole run (:func:`.run_folder.locked`),
+    checks it again under the lock, and keeps ``run.json``'s status: running, then failed
+    (with the reason) or finished.
+    """
+    if prep.config["distributed"] and int(os.environ.get("RANK", "0")) != 0:
+        return _train_and_evaluate(prep)
+    prep.out.mkdir(parents=True, exist_ok=True)
+    with run_folder.locked(prep.out):
+        resume_epoch, finished, same = check_folder(prep.config, prep.out, resume=True)
+        prep.resume_epoch, prep.finished, prep.reuse_untrained = resume_epoch, finished, same
+        if finished:
+            return finished_metrics(prep.out)
+        cfg_mod.dump(prep.config, prep.out / "config.yaml")
+        run_folder.write_record(prep.out, prep.config, run_folder.RUNNING)
+        try:
+            metrics = _train_and_evaluate(prep)
+        except RunError as exc:
+            run_folder.write_record(prep.out, prep.config, run_folder.FAILED, reason=str(exc))
+            raise
+        run_folder.write_record(prep.out, prep.config, run_folder.FINISHED)
+        return metrics
+
+
+def finished_metrics(out: Path) -> dict[str, Any]:
+    """``metrics.json`` of a finished run folder, left as it is."""
+    metrics = files.read_json(
+        out / "metrics.json",
+        "remove it and train again with --resume (the last checkpoint is reloaded)",
+    )
+    print(f"{out}: the run is finished; metrics.json is kept as it is")
+    return metrics
+
+
+def untrained_metrics(prep: Prepared, test) -> dict[str, Any]:
+    """``untrained_metrics.json`` where it is of this config and readable, else ``test()``
+    (the untrained model's metrics), written atomically."""
+    path = prep.out / "untrained_metrics.json"
+    if prep.reuse_untrained and path.exists():
+        try:
+            return files.read_json(path, "it is computed again")
+        except files.RunFileError as exc:
+            LOG.warning("%s", exc)
+    untrained = test()
+    files.write_json(path, untrained)
+    return untrained
+
+
+def _train_and_evaluate(prep: Prepared) -> dict[str, Any]:
     t0 = time.time()
     config, splits, out, device = prep.config, prep.splits, prep.out, prep.device
     # distributed: join torchrun's process group; only rank 0 (`main`) writes and evaluates
@@ -383,14 +484,14 @@ def train_and_evaluate(prep: Prepared) -> dict[str, Any]:
     main = ctx.is_main
     ckpt_dir, log_dir = out / "checkpoints", out / "logs"
     if main:
-        out.mkdir(parents=True, exist_ok=True)
         ckpt_dir.mkdir(exist_ok=True)
-        cfg_mod.dump(config, out / "config.yaml")
 
     seed_everything(config["seed"])
     models = build_models(config, splits["train"][0][0])
     parts = build_components(config, splits)
     loss, miner, sampler = parts["loss"], parts["miner"], parts["sampler"]
+    if not config["distributed"]:
+        sampler = checkpoint.make_resumable(sampler, splits["train"], config["batch_size"])
     models = {k: m.to(device) for k, m in models.items()}
     if config["channels_last"]:
         models["trunk"] = models["trunk"].to(memory_format=torch.channels_last)
@@ -411,22 +512,26 @@ def train_and_evaluate(prep: Prepared) -> dict[str, Any]:
     plan = data_mod.eval_plan(config["dataset"]["name"], splits)
     eval_splits = {k: v for k, v in splits.items() if k != "train"}
 
-    untrained_path = out / "untrained_metrics.json"
-    if not main:
-        untrained = {}
-    elif untrained_path.exists():
-        untrained = json.loads(untrained_path.read_text())
-    else:
+    def test_untrained() -> dict[str, Any]:
         tester.test(eval_splits, 0, models["trunk"], models["embedder"], plan)
-        untrained = clean_metrics(tester.all_accuracies)
-        untrained_path.write_text(json.dumps(untrained, indent=2))
+        return clean_metrics(tester.all_accuracies)
+
+    untrained = untrained_metrics(prep, test_untrained) if main else {}
 
     trainer_name, trainer_kwargs = registry.parse_spec(config["trainer"])
     epochs = config["epochs"]
     interval = config["evaluation"]["interval"]
 
+    def end_of_iteration(trainer) -> None:
+        check_finite_losses(trainer)
+        if isinstance(sampler, checkpoint.ResumableSampler):
+            sampler.batch_done()
+        if main:
+            hooks.end_of_iteration_hook(trainer)
+
     def end_of_epoch(trainer) -> bool:
         if not main:
+            check_finite_weights(trainer)
             return True
         if interval and "val" in splits and trainer.epoch % interval == 0:
             tester.test(
@@ -455,7 +560,7 @@ def train_and_evaluate(prep: Prepared) -> dict[str, Any]:
         data_device=device,
         lr_schedulers=schedulers,
         freeze_trunk_batchnorm=config["model"]["freeze_bn"],
-        end_of_iteration_hook=hooks.end_of_iteration_hook if main else None,
+        end_of_iteration_hook=end_of_iteration,
         end_of_epoch_hook=end_of_epoch,
     )
     enable_amp(trainer, device, config["amp"])
@@ -482,10 +587,8 @@ def train_and_evaluate(prep: Prepared) -> dict[str, Any]:
     wall = time.time() - t0
     info = manifest(prep, wall, max(0, epochs - prep.resume_epoch))
     info["world_size"] = ctx.world_size
-    (out / "manifest.json").write_text(json.dumps(info, indent=2))
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, out / "metrics.json")
+    files.write_json(out / "manifest.json", info)
+    files.write_json(out / "metrics.json", metrics)  # last: it marks the run finished
     if config["distributed"]:
         distributed.finish()
     return metrics
@@ -500,6 +603,8 @@ def run(
     """Load, validate, prepare, train, evaluate: ``pml-plugins train``."""
     config = cfg_mod.load(config_path, overrides=overrides)
     prep = prepare(config, out=out, resume=resume)
+    if prep.finished:
+        return prep.out, finished_metrics(prep.out)
     metrics = train_and_evaluate(prep)
     return prep.out, metrics
 

@@ -2,13 +2,15 @@
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
-import time
+import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from pml_plugins.cli import main
 from pml_plugins.experiment import run as run_mod
@@ -71,32 +73,47 @@ def test_finished_run_is_not_overwritten(tmp_path, capsys):
     assert main(["train", str(DEFAULT), "--out", str(out), "--resume", *args]) == 0
 
 
+#: runs ``pml-plugins train ARGS`` and SIGKILLs itself right after the checkpoint of
+#: epoch ``KILL_AFTER_EPOCH`` is written: an interruption synchronised with the checkpoint
+KILLED_AFTER_CHECKPOINT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pml_plugins.cli import main
+    from pml_plugins.experiment import run as run_mod
+
+    save = run_mod.save_checkpoint
+
+    def save_then_die(trainer, hooks, folder, epoch, sampler):
+        save(trainer, hooks, folder, epoch, sampler)
+        if epoch == int(os.environ["KILL_AFTER_EPOCH"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    run_mod.save_checkpoint = save_then_die
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def train_killed_after_epoch(epoch: int, args: list[str]) -> None:
+    """``pml-plugins train ARGS`` in a child process killed right after epoch ``epoch``'s
+    checkpoint."""
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_CHECKPOINT, "train", *args],
+        env={**os.environ, "KILL_AFTER_EPOCH": str(epoch)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=600,
+    )
+    assert proc.returncode == -signal.SIGKILL
+
+
 def test_interrupted_run_resumes_from_last_checkpoint(tmp_path):
     out = tmp_path / "resumed"
     epochs = 4
-    cmd = [
-        sys.executable,
-        "-m",
-        "pml_plugins.cli",
-        "train",
-        str(DEFAULT),
-        "--out",
-        str(out),
-        "--set",
-        f"epochs={epochs}",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (out / "checkpoints" / "state_1.pth").exists():
-        assert proc.poll() is None, "training ended before it could be interrupted"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    train_killed_after_epoch(1, [str(DEFAULT), "--out", str(out), "--set", f"epochs={epochs}"])
     assert not (out / "metrics.json").exists()
     done = run_mod.latest_checkpoint(out / "checkpoints")
-    assert 1 <= done < epochs
+    assert done == 1
 
     # without --resume it refuses and touches nothing
     with pytest.raises(run_mod.RunError, match="--resume"):
@@ -113,3 +130,25 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path):
         iterations = [int(r["~iteration~"]) for r in csv.DictReader(f)]
     per_epoch = 2500 // 80 + 1
     assert min(iterations) < per_epoch and max(iterations) >= (epochs - 1) * per_epoch - 1
+
+
+def test_killed_and_resumed_run_equals_the_uninterrupted_run(tmp_path):
+    """Bit for bit on the CPU: metrics and final weights. An epoch of 4 batches ends in the
+    middle of MPerClassSampler's 6-batch pass, so the resumed run must continue that pass
+    (its order, the labels it shuffles in place, the RNGs)."""
+    small = {"epochs": 3, "iterations_per_epoch": 4, "batch_size": 32}
+    small["dataset.limit_per_class"] = 40
+    args = sum((["--set", f"{k}={v}"] for k, v in small.items()), [])
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert main(["train", str(DEFAULT), "--out", str(whole), *args]) == 0
+    train_killed_after_epoch(1, [str(DEFAULT), "--out", str(resumed), *args])
+    assert run_mod.latest_checkpoint(resumed / "checkpoints") == 1
+    assert main(["train", str(DEFAULT), "--out", str(resumed), "--resume", *args]) == 0
+    a = json.loads((whole / "metrics.json").read_text())
+    b = json.loads((resumed / "metrics.json").read_text())
+    assert a["trained"] == b["trained"] and a["untrained"] == b["untrained"]
+    for name in ("trunk_3.pth", "embedder_3.pth"):
+        wa = torch.load(whole / "checkpoints" / name, weights_only=True)
+        wb = torch.load(resumed / "checkpoints" / name, weights_only=True)
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name

@@ -22,6 +22,7 @@ from tests.loss_contract import (
     check_finite_edge_cases,
     check_gradcheck,
     check_labels_vs_indices_tuple,
+    kink_free,
     random_batch,
     smooth_batch,
 )
@@ -245,6 +246,21 @@ def min_pair_distance(emb: torch.Tensor, labels: torch.Tensor, geometry: str) ->
         for i, (a, b) in enumerate(pairs)
         for (c, d) in pairs[i + 1 :]
     )
+
+
+def test_kink_free_tells_a_branch_switch_from_curvature():
+    """The guard of the gradchecks: a slope jump or a step within 1e-5 of the input is
+    found, however small; steep but smooth functions pass, however curved."""
+    x = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    assert kink_free(lambda v: torch.exp(50.0 * v).sum(), [x])  # f'' = 2500 e^15
+    assert kink_free(lambda v: (v.abs() + torch.relu(v - 0.31)).sum(), [x])  # kinks 1e-2 away
+    assert kink_free(lambda v: 1.0 / (v - 0.29), [x])  # smooth, 1e-2 from a pole
+    for offset in (0.0, 3e-7, 5e-6):
+        assert not kink_free(lambda v, o=offset: torch.relu(v - 0.3 - o).sum(), [x])
+        assert not kink_free(lambda v, o=offset: 1e-4 * torch.relu(v - 0.3 - o).sum(), [x])
+        assert not kink_free(lambda v, o=offset: (v < 0.3 + o).double().sum() * 1e-3, [x])
+        x2 = (x.clone(), x.clone())  # the kink in the second input only
+        assert not kink_free(lambda a, b, o=offset: a.sum() + torch.relu(b[1] + 0.2 - o), x2)
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)

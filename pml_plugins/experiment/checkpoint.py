@@ -10,8 +10,10 @@ payload cannot run, and a damaged file is a :class:`.files.RunFileError` naming 
 
 State that a resumed run needs besides the weights (``state_N.pth``):
 
-- the RNGs: Python's ``random``, NumPy's global one, PML's ``c_f.NUMPY_RANDOM`` and
-  torch's CPU generator, stored as tensors and lists (no NumPy objects);
+- the RNGs: Python's ``random``, NumPy's global one, PML's ``c_f.NUMPY_RANDOM`` (which
+  samplers such as ``RepresentativeSampler`` draw from), torch's CPU generator (Metrix's
+  mixing coefficient, the data loader's seeds, augmentations in the main process) and the
+  CUDA generators where CUDA was used, stored as tensors and lists (no NumPy objects);
 - the sampler: PML's ``MPerClassSampler`` shuffles its ``labels`` list in place in every
   ``__iter__`` and the trainer's data iterator lives across epochs, so an epoch that ends
   mid-pass (``iterations_per_epoch`` below a full pass) continues that pass in the next
@@ -20,6 +22,19 @@ State that a resumed run needs besides the weights (``state_N.pth``):
   wrapped sampler's in-place state, so the resumed run continues the same pass;
 - the plugins' own ``state_dict`` (the trainer's, e.g. AlternatingProjections' proximal
   term, and a sampler that has one, e.g. RepresentativeSampler).
+
+The models, optimizers (Adam's moments and step), LR schedulers, the losses' and the
+miners' state dicts are PML's saveable trainer objects, one file each.
+
+Not restored, so not bit for bit where random augmentations (the image data sets' crops
+and flips; the embedded data set has none) draw from them:
+
+- the RNGs inside data-loader worker processes: with ``num_workers > 0`` a resumed run's
+  workers are seeded anew (with ``num_workers: 0`` augmentations draw from torch's
+  restored CPU generator);
+- the pass of a sampler with its own ``state_dict`` (``RepresentativeSampler``): its
+  batches continue exactly, but a resumed run starts a new pass of the data loader, which
+  draws a seed from torch's CPU generator at another iteration than the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -63,24 +78,37 @@ def _set_numpy_state(rng: np.random.RandomState, state: Mapping[str, Any]) -> No
     rng.set_state(("MT19937", keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
 
 
+def _cuda_states() -> list[torch.Tensor]:
+    """The CUDA generators' states where CUDA was used (none on the CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return list(torch.cuda.get_rng_state_all())
+    return []
+
+
 def rng_state() -> dict[str, Any]:
-    """Python's, NumPy's, PML's and torch's RNG states as tensors, numbers and lists."""
+    """Python's, NumPy's, PML's, torch's CPU and CUDA RNG states as tensors, numbers and
+    lists."""
     version, internal, gauss = random.getstate()
     return {
         "python": {"version": version, "internal": list(internal), "gauss": gauss},
         "numpy": _numpy_state(np.random.mtrand._rand),
         "pml_numpy": _numpy_state(c_f.NUMPY_RANDOM),
         "torch": torch.get_rng_state(),
+        "cuda": _cuda_states(),
     }
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
+    """Restore what :func:`rng_state` returned (the CUDA states where this process has as
+    many CUDA devices as the one that saved them)."""
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
     _set_numpy_state(np.random.mtrand._rand, state["numpy"])
     _set_numpy_state(c_f.NUMPY_RANDOM, state["pml_numpy"])
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 # ---------------------------------------------------------------- the sampler

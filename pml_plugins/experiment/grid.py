@@ -37,6 +37,7 @@ import jsonschema
 import yaml
 
 from . import config as cfg_mod
+from . import run_folder
 
 #: the grid schema, kept with the workflow (``workflow/schemas/config.schema.yaml``)
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
@@ -241,19 +242,16 @@ def uses_gpu(cell: Mapping[str, Any]) -> bool:
 # ---------------------------------------------------------------- cell files
 
 
-def _comparable(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(cfg)
-    out.pop("output", None)
-    return json.loads(json.dumps(out, sort_keys=True, default=str))
-
-
 def write_cell(cell: Mapping[str, Any], path: str | Path) -> bool:
     """Write a cell's config; if its run folder holds a run of a different config, clear it.
 
     The training job calls ``pml-plugins train CELL --resume``, which continues from the
-    run folder's checkpoints. Checkpoints of another config (the grid was edited) must not
-    be continued: their ``checkpoints/``, ``logs/`` and metrics are removed, so the run
-    starts afresh. Returns True when an old run was cleared.
+    run folder's checkpoints. Checkpoints of another config (the grid was edited; the keys
+    that may differ are :data:`.run_folder.ALLOWED_TO_DIFFER`, as for ``--resume``) must not
+    be continued: their ``checkpoints/``, ``logs/``, metrics and run record are removed, so
+    the run starts afresh. The folder is cleared under its lock: while a run still writes
+    it, this raises :class:`.run_folder.FolderLockedError` and removes nothing. Returns True
+    when an old run was cleared.
     """
     import shutil
 
@@ -265,11 +263,18 @@ def write_cell(cell: Mapping[str, Any], path: str | Path) -> bool:
         with open(old_config) as f:
             old = yaml.safe_load(f) or {}
         new = cfg_mod.validate(cell, check_data=False)
-        if _comparable(old) != _comparable(new):
-            for name in ("checkpoints", "logs"):
-                shutil.rmtree(run_dir / name, ignore_errors=True)
-            for name in ("untrained_metrics.json", "metrics.json", "manifest.json", "config.yaml"):
-                (run_dir / name).unlink(missing_ok=True)
+        if run_folder.comparable(old) != run_folder.comparable(new):
+            with run_folder.locked(run_dir):
+                for name in ("checkpoints", "logs"):
+                    shutil.rmtree(run_dir / name, ignore_errors=True)
+                for name in (
+                    "untrained_metrics.json",
+                    "metrics.json",
+                    "manifest.json",
+                    run_folder.RECORD_NAME,
+                    "config.yaml",
+                ):
+                    (run_dir / name).unlink(missing_ok=True)
             cleared = True
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -289,7 +294,12 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m pml_plugins.experiment.grid CELL.yaml CELL_JSON", file=sys.stderr)
         return 2
     cell = json.loads(args[1])
-    if write_cell(cell, args[0]):
+    try:
+        cleared = write_cell(cell, args[0])
+    except run_folder.FolderLockedError as exc:
+        print(f"pml-plugins: error: {exc}", file=sys.stderr)
+        return 2
+    if cleared:
         print(f"{cell['output']}: the cell's config changed; the old run was removed")
     return 0
 

@@ -74,6 +74,7 @@ class Prepared:
     resume_epoch: int = 0
     finished: bool = False
     reuse_untrained: bool = False
+    resume: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -127,7 +128,7 @@ def prepare(
     except FileNotFoundError as exc:
         raise cfg_mod.ConfigError(f"dataset.root: {exc}") from None
     cfg_mod.check_sampler(config, data_mod.labels_of(splits["train"]))
-    return Prepared(config, splits, out, device, resume_epoch, finished, same)
+    return Prepared(config, splits, out, device, resume_epoch, finished, same, resume=resume)
 
 
 def check_folder(config: Mapping[str, Any], out: Path, resume: bool) -> tuple[int, bool, bool]:
@@ -427,14 +428,15 @@ def train_and_evaluate(prep: Prepared) -> dict[str, Any]:
     """Train from a prepared config and write the run folder; returns metrics.json's content.
 
     The main process locks the run folder for the whole run (:func:`.run_folder.locked`),
-    checks it again under the lock, and keeps ``run.json``'s status: running, then failed
-    (with the reason) or finished.
+    checks it again under the lock (another process may have written it since
+    :func:`prepare`), and keeps ``run.json``'s status: running, then failed (with the
+    reason) or finished. A run killed outright stays ``running``; its checkpoints resume it.
     """
     if prep.config["distributed"] and int(os.environ.get("RANK", "0")) != 0:
         return _train_and_evaluate(prep)
     prep.out.mkdir(parents=True, exist_ok=True)
     with run_folder.locked(prep.out):
-        resume_epoch, finished, same = check_folder(prep.config, prep.out, resume=True)
+        resume_epoch, finished, same = check_folder(prep.config, prep.out, prep.resume)
         prep.resume_epoch, prep.finished, prep.reuse_untrained = resume_epoch, finished, same
         if finished:
             return finished_metrics(prep.out)
@@ -442,8 +444,9 @@ def train_and_evaluate(prep: Prepared) -> dict[str, Any]:
         run_folder.write_record(prep.out, prep.config, run_folder.RUNNING)
         try:
             metrics = _train_and_evaluate(prep)
-        except RunError as exc:
-            run_folder.write_record(prep.out, prep.config, run_folder.FAILED, reason=str(exc))
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, RunError) else f"{type(exc).__name__}: {exc}"
+            run_folder.write_record(prep.out, prep.config, run_folder.FAILED, reason=reason)
             raise
         run_folder.write_record(prep.out, prep.config, run_folder.FINISHED)
         return metrics

@@ -13,11 +13,15 @@ Record
 
 ``--resume`` continues only the same experiment. These keys may differ from the run's
 config, as they do not change the result on the same device: :data:`ALLOWED_TO_DIFFER`
-(``output``: where the folder is; ``device``: which device of the same kind trains it;
-``num_workers``: how many processes load the data). Any other difference (loss, miner,
+(``output``: where the folder is; ``device``: which device trains it (a run moved to
+another kind of device continues, with that device's rounding); ``num_workers``: how many
+processes load the same batches; random augmentations drawn in worker processes are not
+restored by a resume anyway, see :mod:`.checkpoint`). Any other difference (loss, miner,
 learning rate, seed, embedding size, epochs, data, ...) is refused before anything is
 written, with the differing keys old -> new; train such a config into another ``--out``.
 Extending the epochs of a finished run is refused the same way: start a new run folder.
+The workflow's first step (:func:`.grid.write_cell`) uses the same rule to decide whether
+a run folder holds another experiment.
 """
 
 from __future__ import annotations

@@ -252,5 +252,5 @@ def test_write_cell_clears_a_run_of_another_config(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "changed" in proc.stdout
     left = sorted(p.name for p in run.iterdir())
-    assert left == ["cell.yaml"]
+    assert left == [".lock", "cell.yaml"]  # the run folder's lock file, released
     assert yaml.safe_load((run / "cell.yaml").read_text()) == cell

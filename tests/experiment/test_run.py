@@ -9,7 +9,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 import torch
 
 from pml_plugins.cli import main
@@ -74,13 +73,16 @@ def test_finished_run_is_not_overwritten(tmp_path, capsys):
 
 
 #: runs ``pml-plugins train ARGS`` and SIGKILLs itself right after the checkpoint of
-#: epoch ``KILL_AFTER_EPOCH`` is written: an interruption synchronised with the checkpoint
+#: epoch ``KILL_AFTER_EPOCH`` is written: an interruption synchronised with the checkpoint.
+#: It uses the parent's number of torch threads (another count changes the sums' rounding).
 KILLED_AFTER_CHECKPOINT = textwrap.dedent(
     """
     import os, signal, sys
+    import torch
     from pml_plugins.cli import main
     from pml_plugins.experiment import run as run_mod
 
+    torch.set_num_threads(int(os.environ["TORCH_THREADS"]))
     save = run_mod.save_checkpoint
 
     def save_then_die(trainer, hooks, folder, epoch, sampler):
@@ -96,10 +98,12 @@ KILLED_AFTER_CHECKPOINT = textwrap.dedent(
 
 def train_killed_after_epoch(epoch: int, args: list[str]) -> None:
     """``pml-plugins train ARGS`` in a child process killed right after epoch ``epoch``'s
-    checkpoint."""
+    checkpoint, with this process's number of torch threads."""
+    env = {**os.environ, "KILL_AFTER_EPOCH": str(epoch)}
+    env["TORCH_THREADS"] = str(torch.get_num_threads())
     proc = subprocess.run(
         [sys.executable, "-c", KILLED_AFTER_CHECKPOINT, "train", *args],
-        env={**os.environ, "KILL_AFTER_EPOCH": str(epoch)},
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         timeout=600,
@@ -107,48 +111,59 @@ def train_killed_after_epoch(epoch: int, args: list[str]) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-def test_interrupted_run_resumes_from_last_checkpoint(tmp_path):
-    out = tmp_path / "resumed"
-    epochs = 4
-    train_killed_after_epoch(1, [str(DEFAULT), "--out", str(out), "--set", f"epochs={epochs}"])
-    assert not (out / "metrics.json").exists()
-    done = run_mod.latest_checkpoint(out / "checkpoints")
-    assert done == 1
-
-    # without --resume it refuses and touches nothing
-    with pytest.raises(run_mod.RunError, match="--resume"):
-        run_mod.run(DEFAULT, out=out, overrides={"epochs": epochs})
-
-    _, metrics = run_mod.run(DEFAULT, out=out, resume=True, overrides={"epochs": epochs})
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["resumed_from_epoch"] == done
-    assert manifest["epochs_run_this_call"] == epochs - done
-    assert metrics["epochs"] == epochs
-    assert run_mod.latest_checkpoint(out / "checkpoints") == epochs
-    # the loss history spans the epochs before and after the interruption
-    with open(out / "logs" / "loss_histories.csv") as f:
-        iterations = [int(r["~iteration~"]) for r in csv.DictReader(f)]
-    per_epoch = 2500 // 80 + 1
-    assert min(iterations) < per_epoch and max(iterations) >= (epochs - 1) * per_epoch - 1
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` and its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-def test_killed_and_resumed_run_equals_the_uninterrupted_run(tmp_path):
-    """Bit for bit on the CPU: metrics and final weights. An epoch of 4 batches ends in the
-    middle of MPerClassSampler's 6-batch pass, so the resumed run must continue that pass
-    (its order, the labels it shuffles in place, the RNGs)."""
-    small = {"epochs": 3, "iterations_per_epoch": 4, "batch_size": 32}
-    small["dataset.limit_per_class"] = 40
-    args = sum((["--set", f"{k}={v}"] for k, v in small.items()), [])
+def final_weights(folder: Path, epoch: int) -> dict[str, torch.Tensor]:
+    """The trunk's and embedder's weights of ``epoch``'s checkpoint, read without
+    unpickling."""
+    out = {}
+    for part in ("trunk", "embedder"):
+        state = torch.load(folder / "checkpoints" / f"{part}_{epoch}.pth", weights_only=True)
+        out.update({f"{part}.{k}": v for k, v in state.items()})
+    return out
+
+
+#: epochs of 4 batches in MPerClassSampler's pass of 6 (200 samples, batches of 32): the
+#: checkpoint of epoch 1 falls mid-pass, and the resumed epoch 2 ends that pass and starts
+#: the next one
+SMALL = {"dataset.limit_per_class": 40, "batch_size": 32, "iterations_per_epoch": 4}
+SMALL_EPOCHS = 3
+
+
+def test_killed_and_resumed_run_equals_the_uninterrupted_run(tmp_path, one_thread, capsys):
+    """The run killed right after its epoch-1 checkpoint: refused without --resume
+    (nothing touched), continued with it, and then bit for bit the uninterrupted run on the
+    CPU (metrics and final weights): the resumed run continues the sampler's pass (its
+    order, the labels it shuffles in place) with the RNGs of the checkpoint."""
+    args = [str(DEFAULT), *sum((["--set", f"{k}={v}"] for k, v in SMALL.items()), [])]
+    args += ["--set", f"epochs={SMALL_EPOCHS}"]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    assert main(["train", str(DEFAULT), "--out", str(whole), *args]) == 0
-    train_killed_after_epoch(1, [str(DEFAULT), "--out", str(resumed), *args])
+    assert main(["train", *args, "--out", str(whole)]) == 0
+    train_killed_after_epoch(1, [*args, "--out", str(resumed)])
     assert run_mod.latest_checkpoint(resumed / "checkpoints") == 1
-    assert main(["train", str(DEFAULT), "--out", str(resumed), "--resume", *args]) == 0
+    assert not (resumed / "metrics.json").exists()
+
+    before = snapshot(resumed)
+    capsys.readouterr()
+    assert main(["train", *args, "--out", str(resumed)]) == 2
+    assert "pass --resume to continue" in capsys.readouterr().err
+    assert snapshot(resumed) == before
+
+    assert main(["train", *args, "--out", str(resumed), "--resume"]) == 0
+    manifest = json.loads((resumed / "manifest.json").read_text())
+    assert manifest["resumed_from_epoch"] == 1
+    assert manifest["epochs_run_this_call"] == SMALL_EPOCHS - 1
     a = json.loads((whole / "metrics.json").read_text())
     b = json.loads((resumed / "metrics.json").read_text())
     assert a["trained"] == b["trained"] and a["untrained"] == b["untrained"]
-    for name in ("trunk_3.pth", "embedder_3.pth"):
-        wa = torch.load(whole / "checkpoints" / name, weights_only=True)
-        wb = torch.load(resumed / "checkpoints" / name, weights_only=True)
-        assert wa.keys() == wb.keys()
-        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+    wa, wb = final_weights(whole, SMALL_EPOCHS), final_weights(resumed, SMALL_EPOCHS)
+    assert wa.keys() == wb.keys()
+    assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
+    # the loss history spans the epochs before and after the interruption
+    with open(resumed / "logs" / "loss_histories.csv") as f:
+        iterations = [int(r["~iteration~"]) for r in csv.DictReader(f)]
+    last = SMALL_EPOCHS * SMALL["iterations_per_epoch"]
+    assert min(iterations) <= SMALL["iterations_per_epoch"] and max(iterations) >= last - 5

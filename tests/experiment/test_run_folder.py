@@ -3,19 +3,25 @@ non-finite losses caught, and an exact resume."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pml_plugins.cli import main
-from pml_plugins.experiment import run_folder
+from pml_plugins.experiment import grid, run_folder
+from pml_plugins.experiment import run as run_mod
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = ROOT / "examples" / "default.yaml"
@@ -98,22 +104,30 @@ HOLDER = textwrap.dedent(
 )
 
 
-def test_second_writer_is_refused_while_the_first_holds_the_folder(killed_run, capsys):
-    before = snapshot(killed_run)
+@contextlib.contextmanager
+def holding_lock(folder: Path) -> Iterator[subprocess.Popen]:
+    """Another process that holds ``folder``'s lock until the block ends."""
+    holding = folder.parent / "holding"
+    holding.unlink(missing_ok=True)
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(killed_run)], stdin=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLDER, str(folder)], stdin=subprocess.PIPE, text=True
     )
     try:
-        holding = killed_run.parent / "holding"
         while not holding.exists():  # the holder writes it once it holds the lock
             assert holder.poll() is None, "the lock holder ended early"
             os.sched_yield()
-        code = main(["train", str(DEFAULT), "--out", str(killed_run), "--resume", *sets()])
-        err = capsys.readouterr().err
-        during = snapshot(killed_run)
+        yield holder
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
+
+
+def test_second_writer_is_refused_while_the_first_holds_the_folder(killed_run, capsys):
+    before = snapshot(killed_run)
+    with holding_lock(killed_run) as holder:
+        code = main(["train", str(DEFAULT), "--out", str(killed_run), "--resume", *sets()])
+        err = capsys.readouterr().err
+        during = snapshot(killed_run)
     assert code == 2 and err.count("\n") == 1
     assert str(killed_run) in err and f"pid {holder.pid}" in err and "being written" in err
     during.pop(run_folder.LOCK_INFO_NAME)
@@ -122,17 +136,47 @@ def test_second_writer_is_refused_while_the_first_holds_the_folder(killed_run, c
     }
 
 
-def test_stale_lock_of_a_dead_process_is_named_and_taken_over(killed_run, caplog):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    import socket
+#: holds the run folder's lock, writes its info, and dies by SIGKILL while holding it
+DIES_HOLDING = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from pml_plugins.experiment import run_folder
 
-    info = {"pid": dead.pid, "host": socket.gethostname(), "started": "x", "command": "y"}
-    (killed_run / run_folder.LOCK_INFO_NAME).write_text(json.dumps(info))
+    with run_folder.locked(Path(sys.argv[1])):
+        os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_stale_lock_of_a_dead_process_is_named_and_taken_over(killed_run, caplog):
+    dead = subprocess.run([sys.executable, "-c", DIES_HOLDING, str(killed_run)], timeout=120)
+    assert dead.returncode == -signal.SIGKILL
+    info = json.loads((killed_run / run_folder.LOCK_INFO_NAME).read_text())
     with caplog.at_level("WARNING", logger="pml_plugins"):
         assert main(["train", str(DEFAULT), "--out", str(killed_run), "--resume", *sets()]) == 0
-    assert f"stale lock of a process that no longer runs (pid {dead.pid}" in caplog.text
+    assert f"stale lock of a process that no longer runs (pid {info['pid']}" in caplog.text
     assert not (killed_run / run_folder.LOCK_INFO_NAME).exists()
+    assert json.loads((killed_run / "run.json").read_text())["status"] == "finished"
+
+
+def test_workflow_does_not_clear_a_run_folder_that_a_run_holds(killed_run, capsys):
+    """The workflow's first step clears a run folder of another config, but not while a
+    (possibly orphaned) run still writes it."""
+    config = yaml.safe_load((killed_run / "config.yaml").read_text())
+    cell = {**config, "seed": config["seed"] + 1, "output": str(killed_run)}
+    before = snapshot(killed_run)
+    with holding_lock(killed_run):
+        code = grid.main([str(killed_run / "cell.yaml"), json.dumps(cell)])
+        err = capsys.readouterr().err
+    assert code == 2 and err.startswith("pml-plugins: error: ") and "being written" in err
+    after = snapshot(killed_run)
+    assert {k: v for k, v in after.items() if not k.startswith(".lock")} == {
+        k: v for k, v in before.items() if not k.startswith(".lock")
+    }
+    assert grid.write_cell(cell, killed_run / "cell.yaml") is True  # released: cleared
+    assert not (killed_run / "checkpoints").exists()
+    assert not (killed_run / run_folder.RECORD_NAME).exists()
 
 
 @pytest.mark.parametrize(
@@ -193,3 +237,29 @@ def test_non_finite_loss_stops_the_run(tmp_path, capsys):
     assert record["status"] == "failed" and "iteration" in record["reason"]
     assert not list((out / "checkpoints").glob("*.pth"))
     assert not (out / "metrics.json").exists()
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight[0, 1] = float("inf")
+    trainer = types.SimpleNamespace(
+        models={"trunk": model}, loss_funcs={}, optimizers={}, epoch=3, iteration=7
+    )
+    hooks = types.SimpleNamespace(saveable_trainer_objects=["models", "optimizers"])
+    with pytest.raises(run_mod.NonFiniteError, match=r"epoch 3: the weight trunk\.weight"):
+        run_mod.save_checkpoint(trainer, hooks, tmp_path, 3, None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_that_fails_says_so_in_run_json(tmp_path, monkeypatch):
+    def broken_tester(*args, **kwargs):
+        raise ValueError("a tester that breaks")
+
+    monkeypatch.setattr(run_mod, "make_tester", broken_tester)
+    out = tmp_path / "broken"
+    with pytest.raises(ValueError, match="a tester that breaks"):
+        run_mod.run(DEFAULT, out=out, overrides=TINY)
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "failed"
+    assert record["reason"] == "ValueError: a tester that breaks"

@@ -11,14 +11,14 @@ that PML's own losses keep:
 - ``check_finite_edge_cases``: coincident / collapsed / tiny batches have finite loss and
   finite gradients;
 - ``check_gradcheck``: ``torch.autograd.gradcheck`` in float64, at an input that
-  ``kink_free`` finds away from every branch switch of the loss (see ``smooth_batch``);
+  ``kink_free`` finds away from every branch switch of the loss;
 - ``check_ref_emb``: ``ref_emb``/``ref_labels`` equal to the batch itself give the same
   loss as no ``ref_emb`` where the loss treats self-pairs the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from pytorch_metric_learning.losses import BaseMetricLossFunction
@@ -117,16 +117,6 @@ def kink_free(
                 if not torch.all((near - far).abs() <= rtol * (far.abs() + f0.abs() + 1.0)):
                     return False
     return True
-
-
-def smooth_batch(
-    f: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``(emb, labels)`` of ``batches`` at which ``f(emb, labels)`` is kink-free."""
-    for emb, labels in batches:
-        if kink_free(lambda e, lab=labels: f(e, lab), [emb]):
-            return emb, labels
-    raise AssertionError("no kink-free batch: the loss has a kink near every input tried")
 
 
 def check_gradcheck(make_loss: LossFactory, emb: torch.Tensor, labels: torch.Tensor, **kw) -> None:

@@ -24,7 +24,6 @@ from tests.loss_contract import (
     check_labels_vs_indices_tuple,
     kink_free,
     random_batch,
-    smooth_batch,
 )
 
 BASES = ("hphn_triplet", "triplet", "lifted", "multi_similarity", "npair")
@@ -268,13 +267,13 @@ def test_kink_free_tells_a_branch_switch_from_curvature():
 def test_gradcheck(base, geometry):
     """At a batch where the loss is differentiable, robustly so: no two pairs' arcs or
     segments cross (there d* = 0 and its gradient is rounding noise: in 3-D, crossing
-    arcs are common) and no branch switch (closest-point candidates, hinges, hardest
-    examples) lies within 1e-5. Near either, the CPU's rounding picks the gradient."""
+    arcs are common; seed 2 had d* = 1.7e-16, the Intel failures) and no branch switch
+    (closest-point candidates, hinges, hardest examples, mining thresholds) lies within
+    1e-5 (``check_gradcheck`` asserts ``kink_free``). Near either, the CPU's rounding
+    picks the gradient."""
     hp = hp_for(base, mining_threshold=0.3) if base == "multi_similarity" else {}
-    loss = LoOpLoss(base=base, geometry=geometry, **hp)
-    batches = (random_batch(8, 3, n_classes=3, seed=seed) for seed in range(2, 22))
-    apart = (b for b in batches if min_pair_distance(*b, geometry) > 1e-3)
-    emb, labels = smooth_batch(loss, apart)
+    emb, labels = random_batch(8, 3, n_classes=3, seed=3)
+    assert min_pair_distance(emb, labels, geometry) > 1e-3
     check_gradcheck(lambda: LoOpLoss(base=base, geometry=geometry, **hp), emb, labels)
 
 

@@ -68,7 +68,7 @@ def test_finished_run_is_not_overwritten(tmp_path, capsys):
     assert main(["train", str(DEFAULT), "--out", str(out), *args]) == 2
     assert "already holds a finished run" in capsys.readouterr().err
     assert (out / "metrics.json").read_bytes() == before
-    # --resume on a finished run keeps its epochs and rewrites the same numbers
+    # --resume on a finished run says it is finished and keeps it (test_run_folder.py)
     assert main(["train", str(DEFAULT), "--out", str(out), "--resume", *args]) == 0
 
 

@@ -18,6 +18,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests.workflow.forked_snakemake import Call, ForkedSnakemake
+
 REPO = Path(__file__).resolve().parents[2]
 SNAKEFILE = REPO / "workflow" / "Snakefile"
 CONFIGS = sorted((REPO / "workflow" / "config").glob("*.yaml"))
@@ -43,6 +45,15 @@ def run_snakemake(*args: str | Path, cwd: Path, timeout: int = 600) -> subproces
     )
 
 
+@pytest.fixture(scope="module")
+def snakemake():
+    """Runs snakemake command lines in forks of one process that has imported torch and
+    PML once (about five CPU seconds per call saved; see forked_snakemake)."""
+    server = ForkedSnakemake(env(), cwd=REPO)
+    yield server
+    server.close()
+
+
 def job_count(output: str, rule: str) -> int:
     match = re.search(rf"^{rule}\s+(\d+)\s*$", output, re.MULTILINE)
     return int(match.group(1)) if match else 0
@@ -63,40 +74,29 @@ def test_there_is_a_default_grid_and_paper_grids():
     assert len(names) >= 2, names
 
 
-def test_dry_run_resolves_every_grid():
+def test_dry_run_resolves_every_grid(snakemake, tmp_path):
     """`snakemake -n` at the repository root on the default grid (found without options:
     workflow/Snakefile, workflow/config/config.yaml) and on every paper grid, without data."""
     assert not (REPO / "Snakefile").exists(), "one Snakefile: workflow/Snakefile"
-
-    def start(config: Path) -> subprocess.Popen:
+    calls = []
+    for config in CONFIGS:
         args = ["-n", "--forceall", "--cores", "all", "--config", "check_data=false"]
         if config.name != "config.yaml":
             args += ["--configfile", config]
-        return subprocess.Popen(
-            snakemake_cmd(*args),
-            cwd=REPO,
-            env=env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-
-    outputs = {}
-    for i in range(0, len(CONFIGS), 3):  # three at a time
-        batch = {config: start(config) for config in CONFIGS[i : i + 3]}
-        for config, proc in batch.items():
-            outputs[config] = (proc.communicate(timeout=600)[0], proc.returncode)
-    for config, (out, returncode) in outputs.items():
-        assert returncode == 0, f"{config.name}:\n{out[-3000:]}"
+        calls.append(Call(args, REPO, tmp_path / f"{config.stem}.log"))
+    for config, proc in zip(CONFIGS, snakemake.run_many(calls), strict=True):
+        out = proc.stdout
+        assert proc.returncode == 0, f"{config.name}:\n{out[-3000:]}"
         assert f"{config}" in out, f"{config.name} not loaded:\n{out[-3000:]}"
         grid = yaml.safe_load(config.read_text())
         assert job_count(out, "train") == n_cells(grid), f"{config.name}:\n{out[-3000:]}"
         assert job_count(out, "aggregate") == 1
 
 
-def test_lint_is_clean():
-    proc = run_snakemake("--lint", "--cores", "1", "--config", "check_data=false", cwd=REPO)
-    out = proc.stdout + proc.stderr
+def test_lint_is_clean(snakemake, tmp_path):
+    args = ("--lint", "--cores", "1", "--config", "check_data=false")
+    proc = snakemake.run(*args, cwd=REPO, log=tmp_path / "lint.log")
+    out = proc.stdout
     assert "Lints for" not in out, out[-5000:]
     assert proc.returncode == 0, out[-3000:]
 
@@ -144,12 +144,11 @@ def write_grid(path: Path, **changes) -> Path:
     ],
     ids=["unknown-loss", "missing-data-root", "malformed"],
 )
-def test_a_bad_grid_fails_at_load_time_naming_the_problem(tmp_path, changes, fragments):
+def test_a_bad_grid_fails_at_load_time_naming_the_problem(snakemake, tmp_path, changes, fragments):
     config = write_grid(tmp_path / "grid.yaml", **changes)
-    proc = run_snakemake(
-        "-n", "--snakefile", SNAKEFILE, "--cores", "1", "--configfile", config, cwd=tmp_path
-    )
-    out = proc.stdout + proc.stderr
+    args = ("-n", "--snakefile", SNAKEFILE, "--cores", "1", "--configfile", config)
+    proc = snakemake.run(*args, cwd=tmp_path, log=tmp_path / "snakemake.log")
+    out = proc.stdout
     assert proc.returncode != 0
     for fragment in fragments:
         assert fragment in out, f"{fragment!r} not in:\n{out[-3000:]}"
@@ -179,11 +178,69 @@ def cells(root: Path) -> list[Path]:
     return sorted(p.parent for p in (root / "runs").rglob("cell.yaml"))
 
 
+def grid_state(root: Path) -> tuple[list[Path], list[Path]]:
+    """Finished cells (metrics.json), and busy ones: a complete checkpoint (a state file,
+    written last) and no metrics.json yet."""
+    done, busy = [], []
+    for cell in cells(root):
+        if (cell / "metrics.json").exists():
+            done.append(cell)
+        elif list(cell.glob("checkpoints/state_*.pth")):
+            busy.append(cell)
+    return done, busy
+
+
+def group_members(pgid: int) -> dict[int, str] | None:
+    """pid -> scheduler state of every process in the process group (None without /proc)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    members = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        if int(fields[2]) == pgid:
+            members[int(entry.name)] = fields[0]
+    return members
+
+
+def freeze(pgid: int, timeout: float = 60) -> None:
+    """SIGSTOP the process group and return once none of its processes runs. A signal is
+    delivered asynchronously (a process in a system call stops when it returns), and a
+    process forked meanwhile did not get it, so the signal is repeated until every member
+    is stopped (T) or dead (Z, X)."""
+    deadline = time.time() + timeout
+    while True:
+        os.killpg(pgid, signal.SIGSTOP)
+        members = group_members(pgid)
+        if members is None:  # no /proc: give the signal ample time
+            time.sleep(1.0)
+            return
+        if all(state in "TtZX" for state in members.values()):
+            return
+        if time.time() > deadline:
+            raise AssertionError(f"process group {pgid} did not stop: {members}")
+        time.sleep(0.01)
+
+
 @pytest.fixture(scope="module")
-def finished_grid(tmp_path_factory):
-    """2 losses x 2 sizes x 1 seed, interrupted (Ctrl-C) during the second run, then resumed."""
+def finished_grid(tmp_path_factory, snakemake):
+    """2 losses x 1 size (2, which has the scatter plot) x 1 seed, one job at a time;
+    interrupted (Ctrl-C) while a run has written a checkpoint and not yet its metrics,
+    after the other run finished; then resumed to the end. Then, side by side: a dry run
+    of the grid with NRA's config edited, and the report. (Tables and plots over several
+    sizes and seeds: tests/experiment/test_aggregate.py; the expansion of every grid:
+    test_dry_run_resolves_every_grid.)
+
+    One job at a time, a run with a checkpoint means that snakemake has seen the run
+    before it finish. With two, a job whose metrics.json is written may still be exiting
+    when the Ctrl-C comes; snakemake then counts it as failed and removes its outputs."""
     work = tmp_path_factory.mktemp("grid")
-    config = write_grid(work / "grid.yaml")
+    config = write_grid(work / "grid.yaml", embedding_sizes=[2])
     args = ["--snakefile", SNAKEFILE, "--configfile", config, "--workflow-profile", LOCAL_PROFILE]
     log = open(work / "first.log", "w")
     first = subprocess.Popen(
@@ -192,57 +249,70 @@ def finished_grid(tmp_path_factory):
         env=env(),
         stdout=log,
         stderr=subprocess.STDOUT,
-        start_new_session=True,
+        start_new_session=True,  # its own process group: snakemake and its jobs
     )
     finished, interrupted = {}, None
     deadline = time.time() + 480
-
-    def state() -> tuple[list[Path], list[Path]]:
-        """Finished cells, and cells with a checkpoint but no metrics.json yet."""
-        done = [c for c in cells(work) if (c / "metrics.json").exists()]
-        busy = [
-            c
-            for c in cells(work)
-            if not (c / "metrics.json").exists() and list(c.glob("checkpoints/state_*.pth"))
-        ]
-        return done, busy
-
     try:
+        # No timing: the run is interrupted at an observed state. Whenever the files show
+        # a finished run and a busy one, snakemake and its jobs are frozen and the files
+        # are read again, since a job seen busy a moment ago may have finished since (its
+        # manifest would then say resumed_from_epoch 0). Only a frozen, still-busy run is
+        # interrupted; otherwise all continue, and the next busy run is tried.
         while time.time() < deadline and first.poll() is None:
-            done, busy = state()
+            done, busy = grid_state(work)
             if done and busy:
-                # Freeze snakemake and its job, and look again: a job seen busy a moment
-                # ago may have finished since. Only a frozen, still-busy job is interrupted.
-                os.killpg(first.pid, signal.SIGSTOP)
-                done, busy = state()
-                if not (done and busy):
-                    os.killpg(first.pid, signal.SIGCONT)
-                    continue
-                os.killpg(first.pid, signal.SIGINT)  # Ctrl-C: snakemake and its job
-                os.killpg(first.pid, signal.SIGCONT)  # the pending SIGINT comes first
-                first.wait(timeout=120)
-                finished = {
-                    c: (c / "metrics.json").stat().st_mtime_ns
-                    for c in cells(work)
-                    if (c / "metrics.json").exists()
-                }
-                interrupted = busy[0]
-                break
-            time.sleep(0.1)
+                freeze(first.pid)
+                done, busy = grid_state(work)
+                if done and busy:
+                    os.killpg(first.pid, signal.SIGINT)  # Ctrl-C: snakemake and its jobs
+                    os.killpg(first.pid, signal.SIGCONT)  # the pending SIGINT comes first
+                    first.wait(timeout=120)
+                    finished = {
+                        c: (c / "metrics.json").stat().st_mtime_ns
+                        for c in cells(work)
+                        if (c / "metrics.json").exists()
+                    }
+                    interrupted = busy
+                    break
+                os.killpg(first.pid, signal.SIGCONT)
+            time.sleep(0.05)
     finally:
         if first.poll() is None:
+            os.killpg(first.pid, signal.SIGCONT)
             os.killpg(first.pid, signal.SIGKILL)
             first.wait()
         log.close()
     first_log = (work / "first.log").read_text()
     assert interrupted is not None, f"the run was not interrupted mid-way:\n{first_log[-3000:]}"
     second = run_snakemake(*args, "--cores", "2", cwd=work)
+    edited = yaml.safe_load((work / "grid.yaml").read_text())
+    edited["losses"]["NRA"]["loss"] = {"NRALoss": {"alpha": 2}}
+    (work / "edited.yaml").write_text(yaml.safe_dump(edited))
+    dry_run, report = snakemake.run_many(
+        [
+            Call(
+                ["-n", "--snakefile", SNAKEFILE, "--configfile", work / "edited.yaml"]
+                + ["--cores", "1"],
+                work,
+                work / "edited.log",
+            ),
+            Call(
+                ["--snakefile", SNAKEFILE, "--configfile", work / "grid.yaml", "--cores", "1"]
+                + ["--report", work / "report.html"],
+                work,
+                work / "report.log",
+            ),
+        ]
+    )
     return {
         "work": work,
         "finished": finished,
         "interrupted": interrupted,
         "first_log": first_log,
         "second": second,
+        "edited_dry_run": dry_run,
+        "report": report,
     }
 
 
@@ -250,33 +320,22 @@ def test_resumed_grid_completes_without_redoing_finished_runs(finished_grid):
     second, work = finished_grid["second"], finished_grid["work"]
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
     runs = cells(work)
-    assert len(runs) == 4
+    assert len(runs) == 2
     for run in runs:
         for name in ("metrics.json", "manifest.json", "config.yaml", "train.log", "benchmark.tsv"):
             assert (run / name).is_file(), run / name
     assert finished_grid["finished"], "some run had finished before the interruption"
     for run, mtime in finished_grid["finished"].items():
         assert (run / "metrics.json").stat().st_mtime_ns == mtime, f"{run} was redone"
-    # the interrupted run continued from its checkpoint instead of starting over
-    manifest = json.loads((finished_grid["interrupted"] / "manifest.json").read_text())
-    assert manifest["resumed_from_epoch"] >= 1, manifest
+    # the interrupted runs continued from their checkpoints instead of starting over
+    for run in finished_grid["interrupted"]:
+        manifest = json.loads((run / "manifest.json").read_text())
+        assert manifest["resumed_from_epoch"] >= 1, manifest
     # a later call reruns only the cells whose config changed in the grid
-    grid = yaml.safe_load((work / "grid.yaml").read_text())
-    grid["losses"]["NRA"]["loss"] = {"NRALoss": {"alpha": 2}}
-    (work / "edited.yaml").write_text(yaml.safe_dump(grid))
-    fourth = run_snakemake(
-        "-n",
-        "--snakefile",
-        SNAKEFILE,
-        "--configfile",
-        work / "edited.yaml",
-        "--cores",
-        "1",
-        cwd=work,
-    )
-    out = fourth.stdout + fourth.stderr
-    assert fourth.returncode == 0, out[-3000:]
-    assert job_count(out, "train") == 2 and "Params have changed" in out, out[-3000:]
+    dry_run = finished_grid["edited_dry_run"]
+    out = dry_run.stdout
+    assert dry_run.returncode == 0, out[-3000:]
+    assert job_count(out, "train") == 1 and "Params have changed" in out, out[-3000:]
 
 
 def test_results_hold_the_runs_own_numbers(finished_grid):
@@ -320,19 +379,8 @@ def test_plots_are_valid_images(finished_grid):
 
 
 def test_report(finished_grid):
-    work = finished_grid["work"]
-    proc = run_snakemake(
-        "--snakefile",
-        SNAKEFILE,
-        "--configfile",
-        work / "grid.yaml",
-        "--cores",
-        "1",
-        "--report",
-        work / "report.html",
-        cwd=work,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    work, proc = finished_grid["work"], finished_grid["report"]
+    assert proc.returncode == 0, proc.stdout[-3000:]
     html = (work / "report.html").read_text(errors="replace")
     for name in ("table.md", "recall_at_k.png", "scatter_2d.png", "runs.csv"):
         assert name in html, name

@@ -1,8 +1,12 @@
 """The README's command blocks, run as written (those that need no data, GPU or network).
 
-Every fenced block of README.md is either run here or carries, right above it, a
-``<!-- not run in tests: why -->`` marker; a new block without either fails
-``test_every_block_is_run_or_marked``.
+The fenced blocks are parsed out of README.md as it stands. Every block is either run by a
+test here (``RUN_HERE`` maps a fragment of the block to the test that runs it) or carries,
+on the line right above it, a ``<!-- not run in tests: why -->`` marker;
+``test_every_block_is_run_or_marked`` fails on a block with neither. Commands run in a
+subprocess (``bash -c``) with this interpreter's environment first on PATH; the setup steps
+of the install-and-run lines (``python3 -m venv``, activating it, ``pip install``) are left
+out, because the environment running the tests is already that environment.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -29,9 +34,14 @@ MARKER = re.compile(r"<!-- not run in tests: (.+?) -->")
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 #: setup steps of the install-and-run lines: the test environment is already installed
 SETUP = re.compile(r"^(python3 -m venv \.venv|\. \.venv/bin/activate|pip install .*)$")
+#: the Markdown files whose relative links must resolve
+LINKED = [README, REPO / "results" / "README.md", *sorted((REPO / "docs" / "methods").glob("*.md"))]
+#: "a newcomer reads it in five minutes"
+README_MAX_BYTES = 10_240
 
 
 def blocks() -> list[dict]:
+    """Every fenced block of README.md: its language, code and marker (or None)."""
     text = README.read_text()
     out = []
     for m in FENCE.finditer(text):
@@ -60,7 +70,7 @@ def commands(code: str) -> list[str]:
 
 def by_content(fragment: str, lang: str = "bash") -> dict:
     found = [b for b in blocks() if b["lang"] == lang and fragment in b["code"]]
-    assert len(found) == 1, f"one {lang} block with {fragment!r} in README.md: {len(found)}"
+    assert len(found) == 1, f"one {lang or 'plain'} block with {fragment!r} in README.md: {found}"
     return found[0]
 
 
@@ -77,48 +87,160 @@ def run(cmd: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     )
 
 
+#: a fragment of each block that a test runs -> that test
 RUN_HERE = {
     "snakemake --cores all": "test_main_job_plans_the_whole_grid",
     "python -m pytest": "test_ci_runs_the_readme_test_command",
-    "pml-plugins train examples": "test_one_experiment",
+    "diff results/": "test_compare_with_the_reference",
     "from pml_plugins.losses": "test_python_blocks_run",
     "from pml_plugins import registry": "test_python_blocks_run",
-    "[project.entry-points.pml_plugins]": "test_entry_point_block_is_valid_toml",
+    "[project.entry-points.pml_plugins]": "test_entry_point_block",
+    "pml-plugins train examples": "test_one_experiment",
     "pml-plugins train CONFIG": "test_cli_synopsis",
-    "diff results/": "test_compare_with_the_reference",
 }
 
 
 def test_every_block_is_run_or_marked():
-    unhandled = [
-        b["code"][:80]
-        for b in blocks()
-        if not b["marker"] and not any(key in b["code"] for key in RUN_HERE)
-    ]
-    assert not unhandled, f"README blocks neither run by a test nor marked: {unhandled}"
-    assert len(blocks()) >= 8
+    found = blocks()
+    assert len(found) >= len(RUN_HERE), f"README.md has {len(found)} fenced blocks"
+    for block in found:
+        keys = [key for key in RUN_HERE if key in block["code"]]
+        if block["marker"]:
+            assert not keys, f"a block marked as not run is run by {keys}:\n{block['code']}"
+        else:
+            assert len(keys) == 1, f"README block run by {keys or 'no test'}:\n{block['code']}"
+    for key, test in RUN_HERE.items():
+        assert callable(globals().get(test)), f"RUN_HERE names {test}, which does not exist"
+        assert any(key in b["code"] for b in found), f"no README block holds {key!r} any more"
+
+
+@pytest.mark.parametrize("block", [b for b in blocks() if b["marker"]], ids=lambda b: b["marker"])
+def test_marked_blocks_say_why(block):
+    assert len(block["marker"].split()) >= 2, block["marker"]
 
 
 def test_main_job_plans_the_whole_grid(tmp_path):
-    """The main job's command, as a dry run (the real grid runs in tests/workflow): on a
-    fresh copy it plans all 54 training jobs."""
+    """The main job's command as a dry run (the grid itself runs in tests/workflow): in a
+    fresh copy of the workflow, without run folders, it plans all 54 training jobs and the
+    aggregation."""
     (cmd,) = commands(by_content("snakemake --cores all")["code"])
     assert cmd == "snakemake --cores all"
     proc = run(cmd.replace("snakemake", "snakemake -n", 1), scratch(tmp_path))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert re.search(r"^train\s+54\s*$", out, re.MULTILINE), out[-3000:]
+    assert re.search(r"^aggregate\s+1\s*$", out, re.MULTILINE), out[-3000:]
 
 
 def test_ci_runs_the_readme_test_command():
-    (install, *test) = by_content("python -m pytest")["code"].strip().split(" && ", 3)[2:]
+    """.ci/run installs what the README's test command installs and ends with the rest of
+    that command, verbatim."""
+    code = by_content("python -m pytest")["code"].strip()
+    assert "\n" not in code, "the test command is one line"
+    venv, activate, install, *test = code.split(" && ")
+    assert (venv, activate) == ("python3 -m venv .venv", ". .venv/bin/activate")
     assert install == 'pip install -e ".[dev,workflow]"'
-    ci = (REPO / ".ci" / "run").read_text().splitlines()
-    assert install in ci
-    assert test == [ci[-1]], f"README: {test}, .ci/run: {ci[-1]}"
+    assert test[:3] == ["ruff check .", "ruff format --check .", "python -m pytest"], test
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    for step in (venv, activate, install):
+        assert step in ci, f".ci/run lacks {step!r}"
+    assert ci.index(venv) < ci.index(activate) < ci.index(install)
+    assert ci[-1] == " && ".join(test), f"README: {' && '.join(test)!r}, .ci/run: {ci[-1]!r}"
+
+
+def test_install_lines_name_existing_extras():
+    """Every ``pip install -e ".[...]"`` of the README, run or not, names extras that
+    pyproject.toml defines."""
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    named = re.findall(r'pip install -e "\.\[([\w,-]+)\]"', README.read_text())
+    assert len(named) >= 3, named
+    for group in named:
+        for extra in group.split(","):
+            assert extra in extras, f"README installs the extra [{extra}], pyproject has {extras}"
+
+
+def test_compare_with_the_reference():
+    """The comparison's reference is committed; the file compared with it is where the main
+    job writes it, ignored by git like the run folders."""
+    (cmd,) = commands(by_content("diff results/")["code"])
+    diff, mine, reference = shlex.split(cmd)
+    assert diff == "diff"
+    assert (REPO / reference).is_file(), reference
+    assert mine == reference.replace("results/reference/", "results/", 1)
+    tracked = subprocess.run(
+        ["git", "ls-files", "--error-unmatch", reference], cwd=REPO, capture_output=True
+    )
+    assert tracked.returncode == 0, f"{reference} is not committed"
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", mine, "results/runs.csv", "runs/default/x"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert ignored.stdout.split() == [mine, "results/runs.csv", "runs/default/x"], ignored
+    kept = subprocess.run(
+        ["git", "check-ignore", "--no-index", reference, "results/README.md"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert kept.returncode == 1 and not kept.stdout, f"ignored by git: {kept.stdout}"
+
+
+def test_python_blocks_run(tmp_path):
+    """Every python block compiles; the unmarked ones run, each in a namespace of its own
+    (one interpreter for all of them, so torch is imported once)."""
+    python = [b for b in blocks() if b["lang"] == "python"]
+    assert len(python) >= 2
+    for i, block in enumerate(python):
+        compile(block["code"], f"README python block {i}", "exec")
+    runner = tmp_path / "run_blocks.py"
+    runner.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            for path in sys.argv[1:]:
+                print("block", path, flush=True)
+                code = open(path).read()
+                exec(compile(code, path, "exec"), {"__name__": "__main__"})
+            """
+        )
+    )
+    paths = []
+    for i, block in enumerate(b for b in python if not b["marker"]):
+        path = tmp_path / f"block{i}.py"
+        path.write_text(block["code"])
+        paths.append(str(path))
+    proc = subprocess.run(
+        [sys.executable, str(runner), *paths],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+
+def test_entry_point_block():
+    """The entry-point example is valid TOML in the group the registry reads, with
+    ``module:attribute`` targets and names that are ``Name`` or ``kind.Name``."""
+    from pml_plugins import registry
+
+    table = tomllib.loads(by_content("[project.entry-points", "toml")["code"])
+    points = table["project"]["entry-points"][registry.ENTRY_POINT_GROUP]
+    assert points
+    for name, target in points.items():
+        assert re.fullmatch(r"[\w.]+:\w+", target), target
+        kind, _, _ = name.rpartition(".")
+        assert not kind or kind in registry.KINDS, name
 
 
 def test_one_experiment(tmp_path):
+    """The one-experiment command, as written, in a copy of examples/: a finished run
+    folder where it says, and the metrics printed."""
     (cmd,) = commands(by_content("pml-plugins train examples")["code"])
     proc = run(cmd, scratch(tmp_path))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -127,43 +249,32 @@ def test_one_experiment(tmp_path):
     assert "mean_average_precision_at_r" in proc.stdout
 
 
-def test_python_blocks_run(tmp_path):
-    python = [b for b in blocks() if b["lang"] == "python"]
-    assert len(python) >= 2
-    for i, block in enumerate(python):
-        script = tmp_path / f"block{i}.py"
-        script.write_text(block["code"])
-        proc = subprocess.run(
-            [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True
-        )
-        assert proc.returncode == 0, f"{block['code']}\n{proc.stderr[-3000:]}"
-
-
-def test_entry_point_block_is_valid_toml():
-    group = tomllib.loads(by_content("[project.entry-points", "toml")["code"])
-    points = group["project"]["entry-points"]["pml_plugins"]
-    assert all(":" in target for target in points.values())
-
-
 def test_cli_synopsis():
     """Every command of the synopsis exists and takes the options it shows."""
-    for line in by_content("pml-plugins train CONFIG", "")["code"].splitlines():
+    lines = by_content("pml-plugins train CONFIG", "")["code"].splitlines()
+    assert len(lines) >= 5
+    for line in lines:
         words = line.split("#")[0].split()
-        command = words[1]
-        proc = run(f"pml-plugins {command} --help", REPO, timeout=120)
+        assert words[0] == "pml-plugins", line
+        proc = run(f"pml-plugins {words[1]} --help", REPO, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         for option in (w.strip("[]") for w in words if w.strip("[]").startswith("--")):
-            assert option in proc.stdout, (command, option)
+            assert option in proc.stdout, (words[1], option)
 
 
-def test_compare_with_the_reference():
-    """The comparison names the reference tables that are committed."""
-    (cmd,) = commands(by_content("diff results/")["code"])
-    _, mine, reference = shlex.split(cmd)
-    assert (REPO / reference).is_file(), reference
-    assert mine == reference.replace("results/reference/", "results/", 1)
+@pytest.mark.parametrize("page", LINKED, ids=lambda p: str(p.relative_to(REPO)))
+def test_relative_links_resolve(page):
+    """The README's links (and those of the pages it sends a newcomer to) point at files
+    of the repository."""
+    links = re.findall(r"\]\(([^)\s]+)\)", page.read_text())
+    local = [link.split("#")[0] for link in links if not re.match(r"[a-z]+:", link)]
+    assert local or page != README
+    for link in local:
+        assert (page.parent / link).exists(), f"{page.relative_to(REPO)} links to {link}"
 
 
-@pytest.mark.parametrize("block", [b for b in blocks() if b["marker"]], ids=lambda b: b["marker"])
-def test_marked_blocks_say_why(block):
-    assert len(block["marker"]) > 10
+def test_readme_is_short():
+    size = len(README.read_bytes())
+    assert size <= README_MAX_BYTES, f"README.md is {size} bytes: move detail to docs/"
+    for page in ("docs/methods/README.md", "docs/workflow.md", "docs/reliability.md"):
+        assert page in README.read_text(), f"README.md does not link {page}"

@@ -90,13 +90,17 @@ def run(cmd: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
 #: a fragment of each block that a test runs -> that test
 RUN_HERE = {
     "snakemake --cores all": "test_main_job_plans_the_whole_grid",
+    "snakemake -n --configfile": "test_paper_grid_is_planned_without_its_data",
     "python -m pytest": "test_ci_runs_the_readme_test_command",
-    "diff results/": "test_compare_with_the_reference",
     "from pml_plugins.losses": "test_python_blocks_run",
     "from pml_plugins import registry": "test_python_blocks_run",
     "[project.entry-points.pml_plugins]": "test_entry_point_block",
     "pml-plugins train examples": "test_one_experiment",
     "pml-plugins train CONFIG": "test_cli_synopsis",
+}
+#: a fragment of a block marked as not run whose content a test still checks -> that test
+CHECKED = {
+    "diff results/": "test_compare_with_the_reference",
 }
 
 
@@ -112,6 +116,10 @@ def test_every_block_is_run_or_marked():
     for key, test in RUN_HERE.items():
         assert callable(globals().get(test)), f"RUN_HERE names {test}, which does not exist"
         assert any(key in b["code"] for b in found), f"no README block holds {key!r} any more"
+    for key, test in CHECKED.items():
+        assert callable(globals().get(test)), f"CHECKED names {test}, which does not exist"
+        marked = [b for b in found if key in b["code"] and b["marker"]]
+        assert len(marked) == 1, f"one block marked as not run holds {key!r}: {marked}"
 
 
 @pytest.mark.parametrize("block", [b for b in blocks() if b["marker"]], ids=lambda b: b["marker"])
@@ -130,6 +138,25 @@ def test_main_job_plans_the_whole_grid(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert re.search(r"^train\s+54\s*$", out, re.MULTILINE), out[-3000:]
     assert re.search(r"^aggregate\s+1\s*$", out, re.MULTILINE), out[-3000:]
+
+
+def test_paper_grid_is_planned_without_its_data(tmp_path):
+    """The dry run of a paper grid, as written, in a fresh copy of the workflow: without the
+    data it plans every cell of that grid (data sets x losses x sizes x seeds)."""
+    import yaml
+
+    (cmd,) = commands(by_content("snakemake -n --configfile")["code"])
+    assert " -n " in f" {cmd} ", cmd
+    configfile = shlex.split(cmd)[shlex.split(cmd).index("--configfile") + 1]
+    grid = yaml.safe_load((REPO / configfile).read_text())
+    cells = 1
+    for key in ("datasets", "losses", "embedding_sizes", "seeds"):
+        cells *= len(grid[key])
+    proc = run(cmd, scratch(tmp_path))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert re.search(rf"^train\s+{cells}\s*$", out, re.MULTILINE), (cells, out[-3000:])
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
 
 
 def test_ci_runs_the_readme_test_command():
@@ -162,8 +189,9 @@ def test_install_lines_name_existing_extras():
 
 
 def test_compare_with_the_reference():
-    """The comparison's reference is committed; the file compared with it is where the main
-    job writes it, ignored by git like the run folders."""
+    """Not run (it needs the main job's output), but checked: the comparison's reference is
+    committed; the file compared with it is where the main job writes it, ignored by git
+    like the run folders."""
     (cmd,) = commands(by_content("diff results/")["code"])
     diff, mine, reference = shlex.split(cmd)
     assert diff == "diff"

@@ -22,6 +22,7 @@ def test_every_method_has_an_example():
         assert required in names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_example_trains_better_than_untrained(path, tmp_path):
     out, metrics = run_mod.run(path, out=tmp_path / path.stem, overrides={"epochs": 1})

@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 from packaging.requirements import Requirement
@@ -476,6 +477,7 @@ def _run_section(body: str, tmp_path: Path, *args: str, pythonpath: str = str(RE
     )
 
 
+@pytest.mark.slow
 def test_apptainer_test_section_passes_without_a_gpu(tmp_path):
     _, sections = _apptainer_sections()
     res = _run_section(sections["test"], tmp_path)
@@ -529,6 +531,7 @@ def _documented_docker_run() -> list[str]:
     return runs[0]
 
 
+@pytest.mark.slow
 def test_documented_docker_run_command_works_with_the_local_cli(tmp_path):
     argv = _documented_docker_run()
     tag = _image_tag()

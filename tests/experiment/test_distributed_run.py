@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from pml_plugins.experiment.models import SmallCNN
@@ -14,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = ROOT / "examples" / "default.yaml"
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_and_only_rank_0_evaluates_and_writes(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -74,6 +74,7 @@ def test_there_is_a_default_grid_and_paper_grids():
     assert len(names) >= 2, names
 
 
+@pytest.mark.slow
 def test_dry_run_resolves_every_grid(snakemake, tmp_path):
     """`snakemake -n` at the repository root on the default grid (found without options:
     workflow/Snakefile, workflow/config/config.yaml) and on every paper grid, without data."""
@@ -316,6 +317,7 @@ def finished_grid(tmp_path_factory, snakemake):
     }
 
 
+@pytest.mark.slow
 def test_resumed_grid_completes_without_redoing_finished_runs(finished_grid):
     second, work = finished_grid["second"], finished_grid["work"]
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
@@ -338,6 +340,7 @@ def test_resumed_grid_completes_without_redoing_finished_runs(finished_grid):
     assert job_count(out, "train") == 1 and "Params have changed" in out, out[-3000:]
 
 
+@pytest.mark.slow
 def test_results_hold_the_runs_own_numbers(finished_grid):
     work = finished_grid["work"]
     results = work / "results"
@@ -360,6 +363,7 @@ def test_results_hold_the_runs_own_numbers(finished_grid):
         assert "| untrained network |" in section
 
 
+@pytest.mark.slow
 def test_plots_are_valid_images(finished_grid):
     folder = finished_grid["work"] / "results" / "mnist_subset"
     for name in (
@@ -378,6 +382,7 @@ def test_plots_are_valid_images(finished_grid):
         assert path.stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_report(finished_grid):
     work, proc = finished_grid["work"], finished_grid["report"]
     assert proc.returncode == 0, proc.stdout[-3000:]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+import pytest
 import yaml
 
 from tests.workflow.test_workflow import REPO, SNAKEFILE, job_count, run_snakemake, write_grid
@@ -75,6 +76,7 @@ def test_git_ignores_what_the_main_job_writes_and_keeps_the_reference():
     assert not ignored(*kept)
 
 
+@pytest.mark.slow
 def test_grid_paths_with_spaces_and_shell_syntax_are_quoted(tmp_path):
     """A real one-cell grid whose runs_dir holds a space and `$(...)`: the run lands in the
     folder of that literal name, and the command substitution never runs."""

@@ -286,7 +286,7 @@ def finished_grid(tmp_path_factory, snakemake):
         log.close()
     first_log = (work / "first.log").read_text()
     assert interrupted is not None, f"the run was not interrupted mid-way:\n{first_log[-3000:]}"
-    second = run_snakemake(*args, "--cores", "2", cwd=work)
+    second = snakemake.run(*args, "--cores", "2", cwd=work, log=work / "second.log")
     edited = yaml.safe_load((work / "grid.yaml").read_text())
     edited["losses"]["NRA"]["loss"] = {"NRALoss": {"alpha": 2}}
     (work / "edited.yaml").write_text(yaml.safe_dump(edited))

@@ -74,6 +74,8 @@ __all__ = [
 DEGENERATE_ANGLE = 1e-3
 
 _TWO_PI = 2.0 * math.pi
+#: distances between two computed points below this many eps (relative) are rounding noise
+_ROUNDING_ULPS = 8.0
 _GEOMETRIES = ("arc", "segment")
 
 
@@ -329,7 +331,11 @@ def _closest_points(
         # on the sphere already, up to rounding that near-antipodal endpoints amplify;
         # |p| = 1 identically, so normalising leaves the gradient unchanged
         p, q = torch.nn.functional.normalize(p, dim=-1), torch.nn.functional.normalize(q, dim=-1)
-    dist = safe_sqrt((p - q).pow(2).sum(-1), torch.finfo(p.dtype).tiny)
+    # p and q each carry rounding errors of a few eps: a smaller |p - q| is no distance
+    # (arcs that overlap or cross), so it is 0 with a zero gradient, as in the Gram path
+    noise = (_ROUNDING_ULPS * torch.finfo(p.dtype).eps) ** 2
+    floor = noise * (p.pow(2).sum(-1) + q.pow(2).sum(-1)).detach() + torch.finfo(p.dtype).tiny
+    dist = safe_sqrt((p - q).pow(2).sum(-1), floor)
     return p, q, dist
 
 

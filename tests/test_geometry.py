@@ -315,3 +315,49 @@ def test_batched_leading_shapes_and_broadcasting():
             for j in range(5):
                 ref = solver(x1[i, 0], x2[i, 0], y1[0, j], y2[0, j])[2]
                 torch.testing.assert_close(dist[i, j], ref)
+
+
+def _on_circle(*angles: float) -> list[torch.Tensor]:
+    return [
+        torch.tensor([math.cos(a), math.sin(a)], dtype=torch.float64).requires_grad_()
+        for a in angles
+    ]
+
+
+@pytest.mark.parametrize(
+    "angles",
+    [
+        (0.0, 1.0, 0.5, 1.5),  # overlapping arcs in 2-D
+        (0.1, 1.3, 0.2, 0.9),  # one arc inside the other
+        (0.3, 0.9, 0.3, 0.9),  # the same arc
+        (0.9, 0.3, 0.3, 0.9),  # the same arc, reversed
+    ],
+)
+def test_overlapping_arcs_are_at_distance_zero_with_zero_gradient(angles):
+    """Where the arcs share points, d* = 0 and nothing moves them apart: the distance and
+    its gradient are exactly 0, not rounding noise divided by rounding noise."""
+    xs = _on_circle(*angles)
+    _, _, dist = closest_points_on_arcs(*xs)
+    dist.backward()
+    assert dist.item() == 0.0
+    for x in xs:
+        assert torch.count_nonzero(x.grad) == 0
+
+
+def test_crossing_arcs_in_3d_are_at_distance_zero_with_zero_gradient():
+    e = torch.eye(3, dtype=torch.float64)
+    x1, x2 = F.normalize(e[0] - e[1], dim=0), F.normalize(e[0] + e[1], dim=0)  # through e0
+    y1, y2 = F.normalize(e[0] - e[2], dim=0), F.normalize(e[0] + e[2], dim=0)  # through e0
+    xs = [v.clone().requires_grad_() for v in (x1, x2, y1, y2)]
+    _, _, dist = closest_points_on_arcs(*xs)
+    dist.backward()
+    assert dist.item() == 0.0
+    assert all(torch.count_nonzero(x.grad) == 0 for x in xs)
+
+
+@pytest.mark.parametrize("gap", [1e-9, 1e-6, 1e-3])
+def test_arcs_a_small_gap_apart_keep_their_distance(gap):
+    """The zero floor is rounding noise only: a real gap of 1e-9 survives in float64."""
+    xs = _on_circle(0.0, 1.0, 1.0 + gap, 2.0)
+    _, _, dist = closest_points_on_arcs(*xs)
+    assert dist.item() == pytest.approx(2 * math.sin(gap / 2), rel=1e-6)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from pytorch_metric_learning.distances import BaseDistance, LpDistance
 from pytorch_metric_learning.losses import BaseMetricLossFunction
-from pytorch_metric_learning.reducers import MeanReducer
+from pytorch_metric_learning.reducers import (
+    BaseReducer,
+    MeanReducer,
+    MultipleReducers,
+    ThresholdReducer,
+)
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
@@ -48,8 +53,11 @@ class GradMLLoss(BaseMetricLossFunction):
     Default reducer: ``MeanReducer``. The loss has two sub-losses, ``pos_loss`` (per positive
     pair :math:`2 d^k`, reduction type ``pos_pair``) and ``neg_loss`` (per negative pair
     :math:`-4 w d^k`, reduction type ``neg_pair``); the mean of each, summed, is exactly the
-    formula above. Reducers that drop non-positive values (``AvgNonZeroReducer``,
-    ``ThresholdReducer``) do not suit the negative sub-loss.
+    formula above. Every negative-pair term is at most 0, so a reducer that keeps only
+    values above a threshold of 0 or more (``AvgNonZeroReducer``, ``ThresholdReducer`` with
+    ``low >= 0``) would drop the whole repulsion term: such a reducer for ``neg_loss``
+    (directly or through ``MultipleReducers``) raises ``ValueError``. A ``ThresholdReducer``
+    with ``low < 0`` keeps the negative pairs whose term is above ``low``.
 
     ``indices_tuple``: pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)`` (turned into pairs
     by ``lmu.convert_to_pairs``; a pair repeated in several triplets counts as often as it
@@ -60,7 +68,7 @@ class GradMLLoss(BaseMetricLossFunction):
     batch generalisation, the mean over pairs, the L2-normalisation of the embeddings (the
     paper does not say; without it the loss is unbounded below for w > 0) and the epsilon in
     the power are project decisions. float16/bfloat16 distances are raised to float32 before
-    the power. The gradient row for GradML in the paper's Table 1
+    the power, and the terms are returned in the input's dtype. The gradient row for GradML in the paper's Table 1
     does not follow from eq. (11) and is not reproduced; autograd differentiates eq. (11).
 
     Stats: ``mean_pos_dist_k`` and ``mean_neg_dist_k``, the mean :math:`d^k` over positive
@@ -79,6 +87,7 @@ class GradMLLoss(BaseMetricLossFunction):
         self.k = float(k)
         self.w = float(w)
         self.eps = float(eps)
+        check_keeps_negative_terms(self.reducer)
         self.add_to_recordable_attributes(list_of_names=["k", "w", "eps"], is_stat=False)
         self.add_to_recordable_attributes(
             list_of_names=["mean_pos_dist_k", "mean_neg_dist_k"], is_stat=True
@@ -93,6 +102,7 @@ class GradMLLoss(BaseMetricLossFunction):
         ref_labels: torch.Tensor | None,
     ) -> dict:
         c_f.labels_or_indices_tuple_required(labels, indices_tuple)
+        check_keeps_negative_terms(self.reducer)  # the reducer may have been replaced
         a1, p, a2, n = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
         if len(a1) == 0 and len(a2) == 0:
             return self.zero_losses()
@@ -103,8 +113,9 @@ class GradMLLoss(BaseMetricLossFunction):
             with torch.no_grad():
                 self.mean_pos_dist_k = pos_dk.mean().item() if len(pos_dk) > 0 else 0.0
                 self.mean_neg_dist_k = neg_dk.mean().item() if len(neg_dk) > 0 else 0.0
-        pos_loss = 2 * pos_dk if len(pos_dk) > 0 else 0
-        neg_loss = -4 * self.w * neg_dk if len(neg_dk) > 0 else 0
+        dtype = embeddings.dtype  # float16 in, float16 out, as PML's losses
+        pos_loss = (2 * pos_dk).to(dtype) if len(pos_dk) > 0 else 0
+        neg_loss = (-4 * self.w * neg_dk).to(dtype) if len(neg_dk) > 0 else 0
         return {
             "pos_loss": {"losses": pos_loss, "indices": (a1, p), "reduction_type": "pos_pair"},
             "neg_loss": {"losses": neg_loss, "indices": (a2, n), "reduction_type": "neg_pair"},
@@ -128,3 +139,17 @@ class GradMLLoss(BaseMetricLossFunction):
 
     def _sub_loss_names(self) -> list[str]:
         return ["pos_loss", "neg_loss"]
+
+
+def check_keeps_negative_terms(reducer: BaseReducer) -> None:
+    """Refuse a reducer that would drop every (non-positive) ``neg_loss`` term of GradML."""
+    if isinstance(reducer, MultipleReducers):
+        reducers = reducer.reducers
+        reducer = reducers["neg_loss"] if "neg_loss" in reducers else reducer.default_reducer
+    if isinstance(reducer, ThresholdReducer) and reducer.low is not None and reducer.low >= 0:
+        raise ValueError(
+            f"GradMLLoss: {type(reducer).__name__}(low={reducer.low}) keeps only terms above "
+            f"{reducer.low}, but every negative-pair term is -4 w d^k <= 0, so the repulsion "
+            "would be dropped; use MeanReducer (the default), SumReducer, or "
+            "MultipleReducers with another reducer for 'neg_loss'"
+        )

@@ -19,7 +19,7 @@ GEOMETRIES = ("arc", "segment")
 #: per-base hyperparameters and their defaults (the authors' code; docs/methods/loop.md)
 _BASE_DEFAULTS: dict[str, dict[str, float]] = {
     "hphn_triplet": {"margin": 1e-5},
-    "triplet": {"margin": 0.1},
+    "triplet": {"margin": 1e-5},
     "lifted": {"margin": 1e-5},
     "multi_similarity": {"alpha": 2.0, "beta": 50.0, "ms_base": 0.4, "mining_threshold": -0.02},
     "npair": {},
@@ -93,8 +93,9 @@ class LoOpLoss(BaseMetricLossFunction):
             ``"multi_similarity"`` or ``"npair"``.
         geometry: ``"arc"`` or ``"segment"``; ``None`` (default) means ``"segment"`` for
             ``npair`` (official code: unnormalised embeddings) and ``"arc"`` otherwise.
-        margin: :math:`m`; default 1e-5 for ``hphn_triplet`` and ``lifted`` (the official
-            ``--margin``), 0.1 for ``triplet`` (its class default in the official code).
+        margin: :math:`m` of ``hphn_triplet``, ``triplet`` and ``lifted``; default 1e-5,
+            the official ``main.py``'s ``--margin``, which it passes to every margin-based
+            base (the 0.1 in the official triplet class's signature is never used by it).
         alpha, beta, ms_base, mining_threshold: ``multi_similarity`` only; defaults
             2, 50, 0.4 (:math:`\lambda`) and -0.02 (:math:`th`).
         min_angle: arcs of at most this angle (radians, default 1e-3) are treated as a
@@ -120,7 +121,8 @@ class LoOpLoss(BaseMetricLossFunction):
     first member (this fixes the ``triplet`` half split); exact candidate-enumeration
     solvers with envelope-theorem gradients instead of autograd through the official
     KKT formulas; MS positives exclude the sample itself by index and count each
-    unordered pair once; float16/bfloat16 inputs are computed in float32.
+    unordered pair once; float16/bfloat16 inputs are computed in float32 and the losses
+    returned in the input's dtype.
 
     ``indices_tuple``: if given (pairs or triplets, as from a PML miner), its positive
     pairs ``(anchor, positive)`` are the arcs instead of the label pairing (unordered,
@@ -232,7 +234,11 @@ class LoOpLoss(BaseMetricLossFunction):
             emb = embeddings
             if emb.dtype in (torch.float16, torch.bfloat16):
                 emb = emb.float()
-            return self._loss(self.distance.maybe_normalize(emb), labels, indices_tuple)
+            out = self._loss(self.distance.maybe_normalize(emb), labels, indices_tuple)
+        for term in out.values():  # float16 in, float16 out, as PML's losses
+            if torch.is_tensor(term["losses"]):
+                term["losses"] = term["losses"].to(embeddings.dtype)
+        return out
 
     def _loss(self, emb: Tensor, labels: Tensor, indices_tuple: tuple | None) -> dict:
         n = emb.shape[0]

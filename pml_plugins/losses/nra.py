@@ -46,8 +46,8 @@ class NRALoss(BaseMetricLossFunction):
 
     .. math::
         D_{i,\min} = \min_{\mathcal{S}_i} D_{ij},\ D_{i,\max} = \max_{\mathcal{S}_i} D_{ij},\
-        r^+_i = \frac{\max_{\mathcal{P}_i} D_{ij} - D_{i,\min}}{D_{i,\max} - D_{i,\min}+\epsilon},\
-        r^-_i = \frac{\min_{\mathcal{N}_i} D_{ij} - D_{i,\min}}{D_{i,\max} - D_{i,\min}+\epsilon}
+        r^+_i = \frac{\max_{\mathcal{P}_i} D_{ij} - D_{i,\min}}{D_{i,\max} - D_{i,\min}},\
+        r^-_i = \frac{\min_{\mathcal{N}_i} D_{ij} - D_{i,\min}}{D_{i,\max} - D_{i,\min}}
 
     .. math::
         \ell_i = -\log\bigl(1 - w(r^+_i;\alpha) + \epsilon\bigr)
@@ -60,7 +60,10 @@ class NRALoss(BaseMetricLossFunction):
     Args:
         alpha: slope of the transfer function at r = 1/2 (paper: 4).
         eps: the paper's epsilon inside both logs (paper: 1e-4, which caps a term at
-            -log(eps) ~ 9.21); also added to the rank denominator.
+            -log(eps) ~ 9.21). The ranks have none (paper eqs. 11-12): they are
+            invariant to the scale of the distances. Where all of an anchor's candidates
+            are equally far (:math:`D_{i,\max} = D_{i,\min}`, e.g. a single candidate) the
+            ranks are 0/0; they are taken as 0 there, with a zero gradient.
         detach_normalizers: treat :math:`D_{i,\min}` and :math:`D_{i,\max}` as constants.
             Under the literal formula an anchor whose nearest candidate is its closest
             negative (r- = 0) or whose farthest candidate is its farthest positive
@@ -82,11 +85,11 @@ class NRALoss(BaseMetricLossFunction):
 
     Paper vs project: the ranks, the transfer function, eq. (13), alpha = 4, eps = 1e-4,
     all samples as anchors and unnormalised distances are the paper's. Project decisions:
-    eps in the rank denominator; an anchor without a positive skips the positive term, one
+    ranks of 0 where all candidates are equally far; an anchor without a positive skips the positive term, one
     without a negative skips the negative term, and a batch where no anchor has either gives
     zero; ``detach_normalizers`` (off by default, literal formula); restriction to mined
     pairs; :math:`1 - s^- = w(r^-)` computed directly; the arithmetic is done in float32 at
-    least.
+    least, and the per-anchor losses are returned in the input's dtype.
 
     Stats: ``mean_pos_rank`` (mean r+), ``mean_neg_rank`` (mean r-) and ``frac_saturated``,
     the fraction of anchors with r- = 0 or with their farthest candidate a positive (r+ at
@@ -137,9 +140,8 @@ class NRALoss(BaseMetricLossFunction):
         neg_min = masked_min(dist, neg_mask)
         if self.detach_normalizers:
             d_min, d_max = d_min.detach(), d_max.detach()
-        denom = d_max - d_min + self.eps
-        pos_rank = (pos_max - d_min) / denom
-        neg_rank = (neg_min - d_min) / denom
+        pos_rank = rank(pos_max, d_min, d_max)
+        neg_rank = rank(neg_min, d_min, d_max)
 
         pos_term = -torch.log(1 - transfer(pos_rank, self.alpha) + self.eps)
         neg_term = -torch.log(transfer(neg_rank, self.alpha) + self.eps)
@@ -152,6 +154,7 @@ class NRALoss(BaseMetricLossFunction):
                 saturated = (has_neg & (neg_min == d_min)) | (has_pos & (pos_max == d_max))
                 self.frac_saturated = saturated.float().mean().item()
 
+        losses = losses.to(embeddings.dtype)  # float16 in, float16 out, as PML's losses
         return {"loss": {"losses": losses, "indices": anchors, "reduction_type": "element"}}
 
     @staticmethod
@@ -182,6 +185,17 @@ class NRALoss(BaseMetricLossFunction):
 
     def get_default_reducer(self) -> MeanReducer:
         return MeanReducer()
+
+
+def rank(d: torch.Tensor, d_min: torch.Tensor, d_max: torch.Tensor) -> torch.Tensor:
+    r"""Normalised rank :math:`(d - D_{\min}) / (D_{\max} - D_{\min})` (paper eqs. 11-12).
+
+    Where :math:`D_{\max} = D_{\min}` the candidates are all equally far and ``d`` is
+    among them, so the rank is 0/0: it is 0 there, with a zero gradient.
+    """
+    span = d_max - d_min
+    flat = span == 0
+    return torch.where(flat, 0.0, (d - d_min) / torch.where(flat, 1.0, span))
 
 
 def masked_min(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

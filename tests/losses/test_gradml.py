@@ -8,7 +8,12 @@ import pytest
 import torch
 from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.miners import PairMarginMiner, TripletMarginMiner
-from pytorch_metric_learning.reducers import SumReducer
+from pytorch_metric_learning.reducers import (
+    AvgNonZeroReducer,
+    MultipleReducers,
+    SumReducer,
+    ThresholdReducer,
+)
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from pml_plugins.losses import GradMLLoss
@@ -245,3 +250,47 @@ def test_rejects_similarity_and_bad_k():
         GradMLLoss(distance=CosineSimilarity())
     with pytest.raises(ValueError):
         GradMLLoss(k=0)
+
+
+@pytest.mark.parametrize(
+    "reducer",
+    [
+        lambda: AvgNonZeroReducer(),
+        lambda: ThresholdReducer(low=0.0),
+        lambda: ThresholdReducer(low=0.5, high=10.0),
+        lambda: MultipleReducers({"neg_loss": AvgNonZeroReducer()}),
+        lambda: MultipleReducers({}, default_reducer=ThresholdReducer(low=0)),
+    ],
+)
+def test_reducer_that_drops_the_repulsion_term_is_refused(reducer):
+    """Every negative-pair term is -4 w d^k <= 0: a reducer keeping only terms above 0 would
+    silently train with attraction alone."""
+    with pytest.raises(ValueError, match="neg_loss"):
+        GradMLLoss(reducer=reducer())
+    loss = GradMLLoss()
+    loss.reducer = reducer()  # replaced after construction: refused when used
+    emb, labels = random_batch(8, 4, n_classes=2, seed=3)
+    with pytest.raises(ValueError, match="repulsion"):
+        loss(emb, labels)
+
+
+@pytest.mark.parametrize(
+    "reducer",
+    [
+        lambda: MultipleReducers({"pos_loss": AvgNonZeroReducer()}),
+        lambda: ThresholdReducer(high=10.0),
+        lambda: ThresholdReducer(low=-100.0),
+    ],
+)
+def test_reducers_that_keep_the_repulsion_term_are_accepted(reducer):
+    emb, labels = random_batch(8, 4, n_classes=2, seed=3)
+    got = GradMLLoss(reducer=reducer())(emb, labels)
+    assert got.item() == pytest.approx(GradMLLoss()(emb, labels).item(), rel=1e-6)
+
+
+def test_low_precision_in_low_precision_out():
+    """As PML's own losses: float16 embeddings give a float16 loss."""
+    emb, labels = random_batch(12, 4, n_classes=3, seed=4)
+    loss = GradMLLoss()(emb.half(), labels)
+    assert loss.dtype == torch.float16
+    assert loss.item() == pytest.approx(GradMLLoss()(emb, labels).item(), abs=2e-2)

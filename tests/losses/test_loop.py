@@ -121,7 +121,7 @@ def element_losses(loss_fn: LoOpLoss, emb, labels, indices_tuple=None) -> dict[i
 def hp_for(base: str, **override) -> dict[str, float]:
     hp = {
         "hphn_triplet": {"margin": 1e-5},
-        "triplet": {"margin": 0.1},
+        "triplet": {"margin": 1e-5},
         "lifted": {"margin": 1e-5},
         "multi_similarity": {
             "alpha": 2.0,

@@ -8,6 +8,7 @@ import pytest
 import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.miners import PairMarginMiner, TripletMarginMiner
+from pytorch_metric_learning.reducers import DoNothingReducer
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from pml_plugins.losses import NRALoss
@@ -30,6 +31,14 @@ def w_paper(r: float, alpha: float) -> float:
     if r < 0.5:
         return 0.5 * (2 * r) ** alpha
     return 1 - 0.5 * (2 * (1 - r)) ** alpha
+
+
+def paper_rank(d, d_min, d_max):
+    """Eqs. (11)-(12): (d - D_min) / (D_max - D_min); 0 where all candidates are equally far."""
+    span = d_max - d_min
+    if (span.item() if torch.is_tensor(span) else span) == 0:
+        return 0.0 * d
+    return (d - d_min) / span
 
 
 def naive_nra(emb, labels, alpha, eps=1e-4, ref=None, ref_labels=None, pairs=None):
@@ -62,14 +71,14 @@ def naive_nra(emb, labels, alpha, eps=1e-4, ref=None, ref_labels=None, pairs=Non
         loss_i, sat = 0.0, False
         if P:
             d_pos = max(D[j] for j in P)
-            r = (d_pos - d_min) / (d_max - d_min + eps)
+            r = paper_rank(d_pos, d_min, d_max)
             s_pos = 1 - w_paper(r, alpha)
             loss_i -= math.log(s_pos + eps)
             r_pos.append(r)
             sat = sat or d_pos == d_max
         if N:
             d_neg = min(D[j] for j in N)
-            r = (d_neg - d_min) / (d_max - d_min + eps)
+            r = paper_rank(d_neg, d_min, d_max)
             s_neg = 1 - w_paper(r, alpha)
             loss_i -= math.log(1 - s_neg + eps)
             r_neg.append(r)
@@ -175,10 +184,10 @@ def _naive_nra_on_matrix(D, labels, alpha, eps=1e-4):
         d_min, d_max = min(float(D[i, j]) for j in S), max(float(D[i, j]) for j in S)
         li = 0.0
         if P:
-            r = (max(float(D[i, j]) for j in P) - d_min) / (d_max - d_min + eps)
+            r = paper_rank(max(float(D[i, j]) for j in P), d_min, d_max)
             li -= math.log(1 - w_paper(r, alpha) + eps)
         if N:
-            r = (min(float(D[i, j]) for j in N) - d_min) / (d_max - d_min + eps)
+            r = paper_rank(min(float(D[i, j]) for j in N), d_min, d_max)
             li -= math.log(1 - (1 - w_paper(r, alpha)) + eps)
         total += li
         count += 1
@@ -253,17 +262,14 @@ def test_loss_within_bounds_on_random_batches(alpha):
 @pytest.mark.parametrize("alpha", ALPHAS)
 def test_saturated_worst_case_is_minus_log_eps_per_term(alpha):
     # corners of a square, diagonals share a class: for every anchor the nearest sample
-    # is a negative (r- = 0) and the farthest is its positive. The eps in the rank
-    # denominator keeps r+ = side*(sqrt2-1) / (side*(sqrt2-1) + eps) just below 1, so the
-    # positive term is -log(eps + ~eps/(side*0.41)), within 3e-4 of -log(eps) here.
-    side = 1e4
+    # is a negative (r- = 0) and the farthest is its positive (r+ = 1): -log(eps) each
+    side = 1e-3
     emb = side * torch.tensor([[0, 0], [1, 1], [1, 0], [0, 1]], dtype=torch.float64)
     labels = torch.tensor([0, 0, 1, 1])
     eps = 1e-4
     loss_fn = NRALoss(alpha=alpha, eps=eps, collect_stats=True)
     loss = loss_fn(emb, labels)
-    assert loss.item() <= -2 * math.log(eps)
-    assert loss.item() == pytest.approx(-2 * math.log(eps), rel=2e-5)
+    assert loss.item() == pytest.approx(-2 * math.log(eps), rel=1e-12)
     assert loss_fn.frac_saturated == 1.0
     assert loss_fn.mean_neg_rank == 0.0
 
@@ -308,11 +314,11 @@ def loop_nra_torch(emb, labels, alpha, detach, eps=1e-4):
             d_min, d_max = d_min.item(), d_max.item()
         li = 0
         if P:
-            r = (max((D[j] for j in P), key=lambda t: t.item()) - d_min) / (d_max - d_min + eps)
+            r = paper_rank(max((D[j] for j in P), key=lambda t: t.item()), d_min, d_max)
             w = 0.5 * (2 * r) ** alpha if r < 0.5 else 1 - 0.5 * (2 * (1 - r)) ** alpha
             li = li - torch.log(1 - w + eps)
         if N:
-            r = (min((D[j] for j in N), key=lambda t: t.item()) - d_min) / (d_max - d_min + eps)
+            r = paper_rank(min((D[j] for j in N), key=lambda t: t.item()), d_min, d_max)
             w = 0.5 * (2 * r) ** alpha if r < 0.5 else 1 - 0.5 * (2 * (1 - r)) ** alpha
             li = li - torch.log(w + eps)
         terms.append(li)
@@ -373,3 +379,41 @@ def test_rejects_bad_alpha():
         NRALoss(alpha=0)
     with pytest.raises(ValueError):
         transfer(torch.tensor(0.3), -1.0)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_ranks_are_invariant_to_the_scale_of_the_distances(alpha):
+    """Eqs. (11)-(12) have no epsilon: the ranks, and so the loss, are the same for the
+    embeddings scaled by 1e-3 (an epsilon in the denominator would change the ranks)."""
+    emb, labels = batch_with_singletons(16, 4, 4, torch.float64, seed=13)
+    loss_fn = NRALoss(alpha=alpha, collect_stats=True)
+    loss = loss_fn(emb, labels).item()
+    ranks = loss_fn.mean_pos_rank, loss_fn.mean_neg_rank
+    small = loss_fn(emb * 1e-3, labels).item()
+    assert small == pytest.approx(loss, rel=1e-12)
+    assert (loss_fn.mean_pos_rank, loss_fn.mean_neg_rank) == pytest.approx(ranks, rel=1e-12)
+
+
+def test_equally_far_candidates_give_rank_zero_and_no_gradient():
+    """D_max = D_min (a single candidate, or all at one distance) is 0/0: rank 0, and no
+    gradient through it (no 1/eps spike)."""
+    emb = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    emb.requires_grad_(True)
+    labels = torch.tensor([0, 0, 1])
+    loss_fn = NRALoss(collect_stats=True, reducer=DoNothingReducer())
+    out = loss_fn(emb, labels)["loss"]
+    # anchor 0: positive and negative both at distance 1: r+ = r- = 0
+    per_anchor = dict(zip(out["indices"].tolist(), out["losses"].tolist(), strict=True))
+    assert per_anchor[0] == pytest.approx(-math.log(1 + 1e-4) - math.log(1e-4), rel=1e-12)
+    out["losses"][out["indices"] == 0].sum().backward()
+    assert torch.count_nonzero(emb.grad) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16])  # PML's LpDistance has no bfloat16 CPU cdist
+def test_low_precision_in_low_precision_out(dtype):
+    """As PML's own losses: float16 embeddings give a float16 loss."""
+    emb, labels = random_batch(12, 4, 3, seed=14)
+    loss = NRALoss()(emb.to(dtype), labels)
+    assert loss.dtype == dtype
+    assert torch.isfinite(loss)
+    assert loss.item() == pytest.approx(NRALoss()(emb, labels).item(), rel=2e-2)

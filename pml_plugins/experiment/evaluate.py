@@ -9,8 +9,11 @@ log them like their own):
   same-class item among their K nearest neighbours, the query itself excluded;
 - ``F1``: the pairwise clustering F1 of Song et al. (CVPR 2016) for the same k-means.
 
-``k`` (neighbours retrieved) is ``max(max_bin_count, max K)`` so MAP@R stays exact and
-every Recall@K is defined.
+``k`` defaults to ``"max_bin_count"``, so MAP@R stays exact without PML's all-neighbour
+search; every other ``k`` is PML's. The search retrieves the K nearest neighbours where
+Recall@K needs more than ``k``; PML's metrics see the first ``k`` of them.
+PML's ``mean_average_precision`` and ``mean_reciprocal_rank`` are computed when ``include``
+names them.
 
 Back ends (chosen by :func:`default_knn_func` / :func:`default_kmeans_func` unless
 ``knn_func``/``kmeans_func`` are given):
@@ -25,8 +28,8 @@ Back ends (chosen by :func:`default_knn_func` / :func:`default_kmeans_func` unle
 - CUDA device, faiss without GPU support: :class:`ChunkedKNN` on the GPU, faiss k-means on
   the CPU.
 
-Label bookkeeping: for 1-D labels compared by equality, ``get_accuracy`` and the R-precision
-and MAP@R metrics use :func:`label_match_counts`, :func:`lone_query_labels` and
+Label bookkeeping: for 1-D labels compared by equality, ``get_accuracy`` and the R-precision,
+MAP@R and MAP metrics use :func:`label_match_counts`, :func:`lone_query_labels` and
 :func:`relevance_mask` (O(N), same results) instead of PML's (classes x N) tables and loop
 over the classes; other labels go through PML's code.
 """
@@ -52,12 +55,8 @@ from pytorch_metric_learning.utils.inference import return_results
 
 KNN_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 CLUSTERING_METRICS = ("NMI", "AMI", "F1")
-
-
-def recall_at_k(knn_labels: torch.Tensor, query_labels: torch.Tensor, k: int) -> float:
-    """Fraction of rows of ``knn_labels[:, :k]`` that contain the query's label."""
-    hits = (knn_labels[:, :k] == query_labels[:, None]).any(dim=1)
-    return hits.float().mean().item()
+#: PML's metrics that :class:`Calculator` computes only when ``include`` names them
+OPT_IN_METRICS = ("mean_average_precision", "mean_reciprocal_rank")
 
 
 def pairwise_f1(labels: np.ndarray, clusters: np.ndarray) -> float:
@@ -243,14 +242,27 @@ def label_match_counts(
     return unique, torch.where(found, ref_counts[pos], torch.zeros_like(ref_counts[pos]))
 
 
+def sorted_label_counts(
+    label_counts: Sequence, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(unique labels, counts)`` as tensors on ``device``, sorted by label.
+
+    PML's metric hooks take ``label_counts`` as tensors (``get_label_match_counts``) or as
+    plain sequences (its own unit tests pass lists), in any label order.
+    """
+    unique, counts = (torch.as_tensor(x, device=device) for x in label_counts)
+    order = torch.argsort(unique)
+    return unique[order], counts[order].long()
+
+
 def lone_query_labels(
-    query_labels: torch.Tensor, label_counts: tuple, ref_includes_query: bool
+    query_labels: torch.Tensor, label_counts: Sequence, ref_includes_query: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PML's ``get_lone_query_labels`` for 1-D labels and equality, without an
     (N x lone labels) table: (labels without a match in the reference, not-lone mask)."""
-    unique, counts = label_counts
+    unique, counts = sorted_label_counts(label_counts, query_labels.device)
     lone = unique[counts - int(ref_includes_query) <= 0]
-    return lone, ~torch.isin(query_labels, lone)
+    return lone, ~torch.isin(query_labels, lone.to(query_labels.dtype))
 
 
 def not_lone(
@@ -263,48 +275,164 @@ def not_lone(
 
 
 def relevance_mask(
-    gt_labels: torch.Tensor, label_counts: tuple, num_k: int, ref_includes_query: bool
+    gt_labels: torch.Tensor, label_counts: Sequence, num_k: int, ref_includes_query: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PML's ``get_relevance_mask`` for 1-D labels, without its loop over the classes.
 
     Row i is True in its first R_i columns, R_i = the number of reference items with
-    query i's label (less the query itself when the reference includes the queries).
+    query i's label (less the query itself when the reference includes the queries); a
+    label missing from ``label_counts`` gets R_i = 0, as in PML.
     """
-    unique, counts = label_counts
-    count_per_query = counts[torch.searchsorted(unique, gt_labels)] - int(ref_includes_query)
+    unique, counts = sorted_label_counts(label_counts, gt_labels.device)
+    count_per_query = torch.zeros(len(gt_labels), dtype=torch.long, device=gt_labels.device)
+    if len(unique) > 0:
+        unique = unique.to(gt_labels.dtype)
+        pos = torch.searchsorted(unique, gt_labels).clamp(max=len(unique) - 1)
+        found = unique[pos] == gt_labels
+        count_per_query[found] = counts[pos[found]] - int(ref_includes_query)
     columns = torch.arange(num_k, device=gt_labels.device)
     return columns.unsqueeze(0) < count_per_query.unsqueeze(1), count_per_query
+
+
+def recall_hits(
+    knn_labels: torch.Tensor, gt_labels: torch.Tensor, k: int, label_comparison_fn=EQUALITY
+) -> torch.Tensor:
+    """Per query: whether one of its first ``k`` neighbours matches its label.
+
+    ``gt_labels`` is ``query_labels[:, None]`` and ``label_comparison_fn(gt, knn)`` is
+    PML's label comparison (an (N x k) table, or (N x k x label dims) for equality on
+    multi-dimensional labels, where every dimension must match).
+    """
+    same = label_comparison_fn(gt_labels, knn_labels[:, :k])
+    return c_f.torch_all_from_dim_to_end(same, 2).any(dim=1)
+
+
+def recall_at_k(knn_labels: torch.Tensor, query_labels: torch.Tensor, k: int) -> float:
+    """Fraction of rows of ``knn_labels[:, :k]`` that contain the query's (1-D) label."""
+    return recall_hits(knn_labels, query_labels[:, None], k).float().mean().item()
 
 
 class Calculator(AccuracyCalculator):
     """``AccuracyCalculator`` with ``recall_at_<K>`` for ``k_values`` and clustering ``F1``.
 
+    It accepts every argument of PML's ``AccuracyCalculator`` with PML's meaning; two
+    defaults differ, for large test sets:
+
+    - ``k`` defaults to ``"max_bin_count"`` (PML: ``None``, every reference item a
+      neighbour). ``k`` is exactly PML's: an integer, ``"max_bin_count"`` or ``None``; PML's
+      metrics see exactly the neighbours PML's ``determine_k`` gives (an integer ``k``
+      below the largest class gets PML's warning and PML's truncated R-precision and
+      MAP@R).
+    - With an empty ``include`` (at construction and in ``get_accuracy``), the metrics are
+      ``precision_at_1``, ``r_precision``, ``mean_average_precision_at_r``, the
+      ``recall_at_<K>``, and ``NMI``, ``AMI`` and ``F1``, less ``exclude``. PML's
+      ``mean_average_precision`` and ``mean_reciprocal_rank`` (``OPT_IN_METRICS``) are
+      computed when named in ``include``, at construction or in ``get_accuracy``. ``F1``
+      uses the k-means of NMI and AMI and is computed with them: excluding both NMI and
+      AMI turns it off too (no k-means runs, as in PML), unless ``include`` names it.
+
+    Recall@K needs the K nearest neighbours. The search retrieves ``max(k', min(K, M))``
+    neighbours, ``k'`` the ``determine_k`` count, K the largest Recall@K computed and M
+    the reference items other than the query; PML's metrics get the first ``k'`` of them
+    (``knn_labels``, ``knn_distances``) and Recall@K the whole list (``recall_knn_labels``).
+    So with an integer ``k`` below K, PML's metrics are PML's for that ``k`` and every
+    Recall@K is still exact. A Recall@K hook given fewer than K neighbours and not the
+    whole reference (``_get_accuracy`` called directly) returns NaN, with a warning.
+
+    Recall@K follows ``avg_of_avgs``, ``return_per_class`` and ``label_comparison_fn`` as
+    PML's precision_at_1 does. The metric hooks take ``label_counts`` as PML's functions
+    return them or as plain sequences (PML's own tests), in any label order.
+    ``mean_reciprocal_rank`` alone retrieves neighbours (PML 2.9's does not).
+
     Args:
         k_values: the K of Recall@K.
-        clustering: compute NMI, AMI and F1 (k-means); off for very many classes.
-        **kwargs: passed to PML's ``AccuracyCalculator`` (``knn_func``, ``device``, ...).
-            ``k`` defaults to ``"max_bin_count"`` (never PML's full-neighbour default);
-            ``knn_func``/``kmeans_func`` default to :func:`default_knn_func` /
+        clustering: compute NMI, AMI and F1 (k-means); ``False`` adds them to ``exclude``
+            (off for very many classes).
+        include, exclude, avg_of_avgs, return_per_class, k, label_comparison_fn, device:
+            PML's (``k``'s default differs, see above).
+        knn_func, kmeans_func: PML's; ``None`` gives :func:`default_knn_func` /
             :func:`default_kmeans_func` for ``device``, so the calculator also works
             without faiss.
     """
 
-    def __init__(self, k_values: Sequence[int] = (1, 2, 4, 8), clustering: bool = True, **kwargs):
-        self.k_values = tuple(sorted({int(k) for k in k_values}))
-        for k in self.k_values:
-            setattr(self, f"calculate_recall_at_{k}", self._recall_metric(k))
-        kwargs.setdefault("k", "max_bin_count")
-        if kwargs.get("knn_func") is None:
-            kwargs["knn_func"] = default_knn_func(kwargs.get("device"))
-        if kwargs.get("kmeans_func") is None:
-            kwargs["kmeans_func"] = default_kmeans_func(kwargs.get("device"))
-        if not clustering:
-            kwargs["exclude"] = tuple(set(kwargs.get("exclude", ())) | {"NMI", "AMI", "F1"})
-        kwargs.setdefault("exclude", ())
-        kwargs["exclude"] = tuple(
-            set(kwargs["exclude"]) | {"mean_average_precision", "mean_reciprocal_rank"}
+    #: the metrics an empty ``include`` computes (set once the parent's init has run)
+    _default_metrics: tuple[str, ...] | None = None
+
+    def __init__(
+        self,
+        k_values: Sequence[int] = (1, 2, 4, 8),
+        clustering: bool = True,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        avg_of_avgs: bool = False,
+        return_per_class: bool = False,
+        k: int | str | None = "max_bin_count",
+        label_comparison_fn=None,
+        device: torch.device | str | None = None,
+        knn_func=None,
+        kmeans_func=None,
+    ) -> None:
+        self.k_values = tuple(sorted({int(x) for x in k_values}))
+        for x in self.k_values:
+            setattr(self, f"calculate_recall_at_{x}", self._recall_metric(x))
+        if not clustering and isinstance(exclude, (tuple, list)):
+            exclude = (*exclude, *(m for m in CLUSTERING_METRICS if m not in exclude))
+        super().__init__(
+            include=include,
+            exclude=exclude,
+            avg_of_avgs=avg_of_avgs,
+            return_per_class=return_per_class,
+            k=k,
+            label_comparison_fn=None,  # set below, once the default metrics are known
+            device=device,
+            knn_func=default_knn_func(device) if knn_func is None else knn_func,
+            kmeans_func=default_kmeans_func(device) if kmeans_func is None else kmeans_func,
         )
-        super().__init__(**kwargs)
+        self._default_metrics = self.default_metrics(include)
+        self.curr_function_dict = self.get_function_dict()
+        if label_comparison_fn:
+            self.label_comparison_fn = label_comparison_fn
+            if any(x in self.requires_clustering() for x in self.get_curr_metrics()):
+                raise NotImplementedError("Unsupported: clustering + custom label comparison")
+
+    # ------------------------------------------------------------ metric selection
+
+    def default_metrics(self, include: Sequence[str] = ()) -> tuple[str, ...]:
+        """The metrics of an empty ``include`` in ``get_accuracy`` (see the class doc)."""
+        names = list(self.original_function_dict)
+        if len(include) > 0:  # the constructor named them: all of them
+            return tuple(names)
+        names = [m for m in names if m not in OPT_IN_METRICS]
+        if not {"NMI", "AMI"} & set(names):
+            names = [m for m in names if m != "F1"]
+        return tuple(names)
+
+    def get_function_dict(self, include: Sequence[str] = (), exclude: Sequence[str] = ()):
+        """PML's, but an empty ``include`` means :meth:`default_metrics`."""
+        if len(include) == 0 and self._default_metrics is not None:
+            return {
+                name: fn
+                for name, fn in self.original_function_dict.items()
+                if name in self._default_metrics and name not in exclude
+            }
+        return super().get_function_dict(include, exclude)
+
+    def requires_clustering(self) -> list[str]:
+        return [*super().requires_clustering(), "F1"]
+
+    def requires_knn(self) -> list[str]:
+        """PML's, the ``recall_at_<K>``, and ``mean_reciprocal_rank``, which PML 2.9 leaves
+        out (its ``include=("mean_reciprocal_rank",)`` alone fails for want of neighbours)."""
+        stock = [m for m in super().requires_knn() if m != "mean_reciprocal_rank"]
+        return [*stock, "mean_reciprocal_rank", *(f"recall_at_{x}" for x in self.k_values)]
+
+    def neighbours_to_fetch(self, k: int, num_reference: int, ref_includes_query: bool) -> int:
+        """How many neighbours ``get_accuracy`` retrieves: ``k`` (from ``determine_k``), or
+        the largest K of the Recall@K being computed where that is more (at most every
+        reference item but the query)."""
+        metrics = self.get_curr_metrics()
+        largest = max((x for x in self.k_values if f"recall_at_{x}" in metrics), default=0)
+        return max(k, min(largest, num_reference - int(ref_includes_query)))
 
     # ------------------------------------------------------------ labels at scale
     # PML's label bookkeeping builds (classes x N) tables and loops over the classes; for
@@ -325,7 +453,7 @@ class Calculator(AccuracyCalculator):
         exclude=(),
     ):
         """PML's ``get_accuracy`` (2.9), with :func:`label_match_counts` and
-        :func:`lone_query_labels` for 1-D labels."""
+        :func:`lone_query_labels` for 1-D labels, and the neighbours Recall@K needs."""
         if reference is None:
             reference, reference_labels, ref_includes_query = query, query_labels, True
         same = reference is query and reference_labels is query_labels
@@ -372,19 +500,24 @@ class Calculator(AccuracyCalculator):
                     query_labels, label_counts, ref_includes_query, self.label_comparison_fn
                 )
             num_k = self.determine_k(label_counts[1], len(reference), ref_includes_query)
-            knn_distances, knn_indices = self.knn_func(query, num_k, reference, ref_includes_query)
+            fetch = self.neighbours_to_fetch(num_k, len(reference), ref_includes_query)
+            knn_distances, knn_indices = self.knn_func(query, fetch, reference, ref_includes_query)
+            knn_labels = reference_labels[knn_indices]
             if not bool(not_lone_query_mask.any()):
                 c_f.LOGGER.warning("None of the query labels are in the reference set.")
             kwargs.update(
                 label_counts=label_counts,
-                knn_labels=reference_labels[knn_indices],
-                knn_distances=knn_distances,
+                knn_labels=knn_labels[:, :num_k],
+                knn_distances=knn_distances[:, :num_k],
+                recall_knn_labels=knn_labels,
                 lone_query_labels=lone,
                 not_lone_query_mask=not_lone_query_mask,
             )
         if any(x in self.requires_clustering() for x in metrics):
             kwargs["cluster_labels"] = self.get_cluster_labels(**kwargs)
         return self._get_accuracy(self.curr_function_dict, **kwargs)
+
+    # ------------------------------------------------------------ metrics
 
     def _at_r(
         self, knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts
@@ -421,16 +554,32 @@ class Calculator(AccuracyCalculator):
         self, knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts, **kw
     ):
         """PML's MAP@R; the relevance mask from :func:`relevance_mask` (1-D labels)."""
+        args = (knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts)
         if not self._fast_labels(query_labels):
-            return super().calculate_mean_average_precision_at_r(
-                knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts
-            )
+            return super().calculate_mean_average_precision_at_r(*args)
+        return self._average_precision(*args, at_r=True)
+
+    def calculate_mean_average_precision(
+        self, knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts, **kw
+    ):
+        """PML's MAP over the retrieved neighbours; R from :func:`relevance_mask` (1-D labels)."""
+        args = (knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts)
+        if not self._fast_labels(query_labels):
+            return super().calculate_mean_average_precision(*args)
+        return self._average_precision(*args, at_r=False)
+
+    def _average_precision(
+        self, knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts, at_r
+    ):
+        """PML's ``mean_average_precision`` (``at_r``: MAP@R) for 1-D labels."""
         parts = self._at_r(
             knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts
         )
         if parts is None:
             return nan_accuracy(label_counts[0], self.return_per_class)
         same_label, mask, count, gt = parts
+        if not at_r:
+            mask = torch.ones_like(mask)
         num_samples, num_k = same_label.shape
         equality = same_label * mask
         cumulative_correct = torch.cumsum(equality, dim=1)
@@ -441,23 +590,26 @@ class Calculator(AccuracyCalculator):
 
     def _recall_metric(self, k: int):
         def calculate(knn_labels, query_labels, not_lone_query_mask, label_counts, **kwargs):
-            knn_labels, query_labels = not_lone(knn_labels, query_labels, not_lone_query_mask)
-            if knn_labels is None:
+            neighbours = kwargs.get("recall_knn_labels", knn_labels)
+            neighbours, query_labels = not_lone(neighbours, query_labels, not_lone_query_mask)
+            if neighbours is None:
                 return nan_accuracy(label_counts[0], self.return_per_class)
-            return recall_at_k(knn_labels, query_labels.flatten(), k)
+            reference = kwargs.get("reference")
+            whole = reference is not None and neighbours.shape[1] >= len(reference) - int(
+                kwargs.get("ref_includes_query", False)
+            )
+            if neighbours.shape[1] < k and not whole:
+                c_f.LOGGER.warning(
+                    f"recall_at_{k} is NaN: {neighbours.shape[1]} neighbours given, {k} needed"
+                )
+                return nan_accuracy(label_counts[0], self.return_per_class)
+            gt = query_labels[:, None]
+            hits = recall_hits(neighbours, gt, k, self.label_comparison_fn)
+            if not (self.avg_of_avgs or self.return_per_class):
+                return hits.float().mean().item()
+            return maybe_get_avg_of_avgs(hits.double(), gt, self.avg_of_avgs, self.return_per_class)
 
         return calculate
 
     def calculate_F1(self, query_labels, cluster_labels, **kwargs):
         return pairwise_f1(c_f.to_numpy(query_labels).ravel(), c_f.to_numpy(cluster_labels).ravel())
-
-    def requires_clustering(self) -> list[str]:
-        return [*super().requires_clustering(), "F1"]
-
-    def requires_knn(self) -> list[str]:
-        return [*super().requires_knn(), *(f"recall_at_{k}" for k in self.k_values)]
-
-    def determine_k(self, bin_counts, num_reference_embeddings, ref_includes_query):
-        k = super().determine_k(bin_counts, num_reference_embeddings, ref_includes_query)
-        most = num_reference_embeddings - int(ref_includes_query)
-        return min(max(k, max(self.k_values, default=1)), most)

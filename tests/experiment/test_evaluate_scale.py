@@ -119,7 +119,10 @@ def clustered_set(n=5000, dim=64, classes=100, seed=0):
 def test_calculator_without_faiss_uses_torch_and_sklearn_and_agrees_with_faiss(monkeypatch):
     emb, labels = clustered_set()
     with_faiss = Calculator(device=CPU)
-    k = with_faiss.determine_k(torch.bincount(labels), len(emb), True)  # as get_accuracy
+    # the neighbours get_accuracy retrieves
+    k = with_faiss.neighbours_to_fetch(
+        with_faiss.determine_k(torch.bincount(labels), len(emb), True), len(emb), True
+    )
     assert isinstance(with_faiss.knn_func, FaissKNN)
     expected = with_faiss.get_accuracy(emb, labels)
     _, faiss_neighbours = with_faiss.knn_func(emb, k, emb, True)

@@ -83,14 +83,25 @@ class AlternatingProjections(MetricLossOnly):
       so the loss sees only tuples anchored at representatives. Every
       ``RepresentativeMiner`` in ``mining_funcs`` gets each batch's representative mask.
     - record-keeper: ``proximal_loss`` under the loss histories; ``proximal_value``,
-      ``projection`` and ``weight`` of the ``proximal_loss`` module.
+      ``squared_distance`` (``||theta - theta_k||^2``), ``proximal_share`` (the term's
+      share of the weighted total loss, :meth:`record_proximal_share`), ``projection``
+      and ``weight`` of the ``proximal_loss`` module.
 
     A ``subset_batch_miner`` is not supported (it would drop representatives).
 
     Args:
         *args: PML ``MetricLossOnly`` arguments.
-        proximal_weight: lambda. Default ``2e-4``, the regularisation coefficient of the
-            same authors' follow-up code (CCP); AP's own value is unknown.
+        proximal_weight: lambda. AP's own value is unknown. The term follows the
+            convention of the same authors' follow-up code (CCP): summed over all
+            parameters, not normalised (:class:`ProximalTerm`). Its size grows with how far
+            the parameters move in one projection, so CCP's ``2e-4`` (for a projection of
+            several epochs at Adam's learning rate ``1e-5``) has no effect on the default
+            grid (T = 10 at ``1e-3``): there the term is ``1e-5`` of the loss. The default
+            ``1.0`` is the largest weight of the default grid's sweep
+            (``benchmarks/ap_lambda_sweep.py``, docs/methods/alternating_projections.md)
+            that did not lower test MAP@R; it halves ``||theta - theta_k||^2`` and its
+            gradient is about a tenth of the base loss's. Set it per setting from the
+            recorded ``proximal_share`` and ``squared_distance``.
         representative_anchors_only: restrict the loss to representative-anchored tuples.
         representative_tuple_type: ``"pairs"`` or ``"triplets"``, for the miner added by
             ``representative_anchors_only`` when no tuple miner is given.
@@ -100,7 +111,7 @@ class AlternatingProjections(MetricLossOnly):
     def __init__(
         self,
         *args: Any,
-        proximal_weight: float = 2e-4,
+        proximal_weight: float = 1.0,
         representative_anchors_only: bool = False,
         representative_tuple_type: str = "pairs",
         **kwargs: Any,
@@ -200,6 +211,23 @@ class AlternatingProjections(MetricLossOnly):
         indices_tuple = self.maybe_mine_embeddings(embeddings, labels)
         self.losses["metric_loss"] = self.maybe_get_metric_loss(embeddings, labels, indices_tuple)
         self.losses[PROXIMAL_LOSS] = self.proximal_term()
+        self.record_proximal_share()
+
+    def record_proximal_share(self) -> float:
+        """The proximal term's share of this batch's weighted total loss (recorded).
+
+        ``w_p P / (|sum_{other losses l} w_l L_l| + w_p P)``, with the weights of
+        ``loss_weights`` (1 where absent), computed from the current ``losses`` before
+        PML's loss tracker weights and sums them.
+        """
+        weights = self.loss_weights or {}
+        others = 0.0
+        for name, value in self.losses.items():
+            if name in (PROXIMAL_LOSS, "total_loss"):
+                continue
+            value = float(value.detach()) if torch.is_tensor(value) else float(value)
+            others += float(weights.get(name, 1)) * value
+        return self.proximal_term.record_share(others, weights.get(PROXIMAL_LOSS, 1))
 
     def state_dict(self) -> dict[str, Any]:
         """``theta_k``, its projection index and the sampler's state."""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from pytorch_metric_learning.losses import ContrastiveLoss, MultiSimilarityLoss
 from pytorch_metric_learning.miners import MultiSimilarityMiner
 from pytorch_metric_learning.samplers import MPerClassSampler
@@ -18,6 +20,7 @@ from pml_plugins.samplers import RepresentativeSampler
 from pml_plugins.trainers import AlternatingProjections
 from pml_plugins.trainers.proximal_term import ProximalTerm
 
+GRID = Path(__file__).resolve().parents[2] / "workflow" / "config" / "config.yaml"
 N_CLASSES, PER_CLASS, DIM = 6, 8, 5
 K, M = 3, 4
 
@@ -310,6 +313,136 @@ def test_record_keeper_logs_proximal_value_and_projection(tmp_path) -> None:
     assert values[0] == 0.0 and values[2] == 0.0 and values[1] > 0 and values[3] > 0
     history = list(groups["loss_histories"]["proximal_loss"].values())
     assert history == pytest.approx(values)
+    metric = list(groups["loss_histories"]["metric_loss"].values())
+    share = list(proximal["proximal_share"].values())
+    assert share == pytest.approx(
+        [p / (m + p) if m + p > 0 else 0.0 for m, p in zip(metric, values, strict=True)]
+    )
+    assert share[1] > 0 and share[3] > 0
+    distance = list(proximal["squared_distance"].values())
+    assert distance == pytest.approx([2 * v / 0.4 for v in values])
     # theta_k is not walked by record-keeper (it would copy every parameter at each log)
     assert not any("theta" in k or "anchor" in k for g in groups.values() for k in g)
     assert not keeper.record_writer.records_that_are_lists
+
+
+def naive_squared_distance(trainer) -> float:
+    """``||theta - theta_k||^2`` by a Python loop over every entry, in float64."""
+    total = 0.0
+    for p, a in zip(params(trainer), trainer.proximal_term.anchors(), strict=True):
+        for x, y in zip(p.double().flatten().tolist(), a.double().flatten().tolist(), strict=True):
+            total += (x - y) ** 2
+    return total
+
+
+def test_recorded_distance_and_share_follow_the_documented_equation() -> None:
+    lam, weights = 0.3, {"metric_loss": 2.0, "proximal_loss": 0.5}
+    trainer = make_trainer(T=100, proximal_weight=lam, loss_weights=weights, iterations_per_epoch=3)
+    trainer.train(1, 1)  # the parameters move away from theta_k
+    trainer.zero_losses()
+    trainer.calculate_loss(trainer.get_batch())
+    term = trainer.proximal_term
+    d2 = naive_squared_distance(trainer)
+    assert d2 > 0
+    assert term.squared_distance == pytest.approx(d2, rel=1e-5)
+    proximal = lam / 2 * d2
+    assert term.proximal_value == pytest.approx(proximal, rel=1e-5)
+    base = weights["metric_loss"] * float(trainer.losses["metric_loss"])
+    assert base > 0
+    want = weights["proximal_loss"] * proximal / (base + weights["proximal_loss"] * proximal)
+    assert term.proximal_share == pytest.approx(want, rel=1e-5)
+    for g, p, a in zip(term.gradient(), params(trainer), term.anchors(), strict=True):
+        torch.testing.assert_close(g, lam * (p - a))
+
+
+def test_share_is_bounded_and_zero_without_the_term() -> None:
+    term = ProximalTerm(torch.nn.Linear(2, 2).named_parameters(), 1.0)
+    with torch.no_grad():
+        for p in term.tracked_parameters():
+            p.add_(1.0)
+    term()
+    assert term.squared_distance == pytest.approx(6.0)
+    assert term.record_share(0.0) == 1.0  # a base loss of 0: all of the loss is the term
+    assert term.record_share(-3.0) == pytest.approx(3 / 6)  # |negative| losses count
+    assert term.record_share(3.0, loss_weight=0.0) == 0.0
+    off = ProximalTerm(torch.nn.Linear(2, 2).named_parameters(), 0.0)
+    with torch.no_grad():
+        for p in off.tracked_parameters():
+            p.add_(1.0)
+    assert off().item() == 0.0 and off.proximal_value == 0.0
+    assert off.squared_distance == pytest.approx(6.0)  # still recorded with lambda = 0
+    assert off.record_share(1.0) == 0.0
+
+
+def default_grid_setting():
+    """The AlternatingProjections row of the default grid (64-d, seed 0): config and parts."""
+    from pml_plugins.experiment import config as cfg_mod
+    from pml_plugins.experiment import data as data_mod
+    from pml_plugins.experiment import grid
+    from pml_plugins.experiment import run as run_mod
+
+    cells = grid.expand(yaml.safe_load(GRID.read_text()))
+    config = cfg_mod.validate(
+        cells[grid.cell_path("mnist_subset", "AlternatingProjections", 64, 0)]
+    )
+    run_mod.seed_everything(config["seed"])
+    splits = data_mod.load_splits(config["dataset"])
+    ms = run_mod.build_models(config, splits["train"][0][0])
+    parts = run_mod.build_components(config, splits)
+    return config, splits, ms, parts, run_mod.build_optimizers(config, ms, parts["loss"])
+
+
+def test_default_weight_is_the_grid_rows_weight() -> None:
+    import inspect
+
+    default = inspect.signature(AlternatingProjections).parameters["proximal_weight"].default
+    grid_row = yaml.safe_load(GRID.read_text())["losses"]["AlternatingProjections"]
+    assert grid_row["trainer"]["AlternatingProjections"]["proximal_weight"] == default
+    ap_grid = yaml.safe_load((GRID.parent / "ap.yaml").read_text())["losses"]
+    weights = [
+        row["trainer"]["AlternatingProjections"]["proximal_weight"]
+        for row in ap_grid.values()
+        if "trainer" in row
+    ]
+    assert weights and all(w == default for w in weights)
+
+
+def test_default_weight_is_a_non_negligible_part_of_the_objective(one_thread) -> None:
+    """In the default grid's setting, one projection (T iterations) with the trainer's
+    default lambda: at its last batch the term is at least 1% of the total loss and its
+    gradient at least 10% of the base loss's gradient (norms). With the old default,
+    2e-4, the term was about 1e-5 of the loss and its gradient about 1e-4 of the base
+    loss's gradient."""
+    config, splits, ms, parts, opts = default_grid_setting()
+    T = parts["sampler"].iterations_per_projection
+    record = []
+
+    def hook(trainer):
+        record.append(trainer.proximal_term.proximal_share)
+
+    trainer = AlternatingProjections(
+        models=ms,
+        optimizers=opts,
+        batch_size=config["batch_size"],
+        loss_funcs={"metric_loss": parts["loss"]},
+        mining_funcs={"tuple_miner": parts["miner"]},
+        dataset=splits["train"],
+        sampler=parts["sampler"],
+        iterations_per_epoch=T - 1,
+        dataloader_num_workers=0,
+        data_device=torch.device("cpu"),
+        end_of_iteration_hook=hook,
+    )
+    trainer.train(1, 1)
+    assert record[0] == 0.0  # the first batch of the projection: theta = theta_k
+    # the projection's last batch, by hand: its share and the gradients of both parts
+    trainer.zero_losses()
+    trainer.zero_grad()
+    trainer.calculate_loss(trainer.get_batch())
+    term = trainer.proximal_term
+    assert term.projection == 0 and trainer.sampler.batches_in_projection == T
+    assert term.proximal_share >= 0.01
+    trainer.losses["metric_loss"].backward()
+    base = sum(float(p.grad.pow(2).sum()) for p in term.tracked_parameters())
+    prox = sum(float(g.pow(2).sum()) for g in term.gradient())
+    assert base > 0 and (prox / base) ** 0.5 >= 0.1

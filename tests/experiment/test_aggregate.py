@@ -105,7 +105,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def test_tidy_csv_holds_every_run_split_stage_and_metric(runs, tmp_path):
     out = tmp_path / "results"
     written = agg.aggregate(runs, out, tables=False)
-    assert written == [out / "runs.csv", out / "summary.csv"]
+    assert written == [out / "runs.csv", out / "summary.csv", out / "comparisons.csv"]
     rows = read_csv(out / "runs.csv")
     assert list(rows[0]) == list(agg.RUN_COLUMNS)
     assert len(rows) == 6 * 2 * 4  # runs x stages x metrics (one split)
@@ -184,7 +184,8 @@ def test_table_marks_the_best_and_shows_untrained_and_paper_numbers(runs, tmp_pa
     half = T975[2] * statistics.stdev([0.5, 0.6, 0.7]) / math.sqrt(3)
     assert nra[1] == f"{60.0:.2f} ± {100 * half:.2f}"
     ms = row("MS |", sec64)
-    # MS has the best R@1 (85 vs 60), NRA the best MAP@R (30 vs 30: tie -> both bold)
+    # MS has the best R@1 (85 vs 60, 30 points above NRA in both shared seeds: NRA not
+    # bold); MAP@R: equal means (30 vs 30): both bold
     assert ms[1].startswith("**85.00 ±") and not nra[1].startswith("**")
     assert nra[3].startswith("**30.00 ±") and ms[3].startswith("**30.00 ±")
     untrained = row(agg.UNTRAINED, sec64)
@@ -313,6 +314,12 @@ def test_scatter_embeds_the_test_split_from_the_checkpoint(tmp_path):
     assert emb.shape == (len(test), 2)
     np.testing.assert_array_equal(labels, test.labels)
     np.testing.assert_allclose(emb, expected, rtol=1e-5, atol=1e-6)
+    # the scatter plots these embeddings as the evaluation sees them: L2-normalised
+    (panel,) = agg.scatter_panels([run], "digits", "test")
+    np.testing.assert_allclose(np.linalg.norm(panel.xy, axis=1), 1.0, rtol=1e-6)
+    unit = expected / np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(panel.xy, unit, rtol=1e-4, atol=1e-5)
+    assert panel.seed == 0 and panel.recall_at_1 == 0.5
 
     written = agg.aggregate(root, tmp_path / "r")
     scatter = tmp_path / "r" / "digits" / "scatter_2d.png"

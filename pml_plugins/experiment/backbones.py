@@ -5,6 +5,11 @@
 - :class:`GoogLeNet` (NRA §5.7, LoOp §1.10): torchvision GoogLeNet (Inception-v1), classifier,
   dropout and auxiliary heads removed, global average pooling, 1024-d.
 
+Both, and ``SmallCNN``, follow :class:`MapTrunk`: ``feature_maps(x)`` returns the last
+convolutional maps, ``pool(maps)`` the (B, output_size) vector, and ``forward(x)`` is
+``pool(feature_maps(x))`` (``forward(x, pooled=False)``: the maps), so that Metrix/feature
+can mix the maps before pooling, as its authors do.
+
 Both take torchvision's weight names (``weights: IMAGENET1K_V2`` / ``IMAGENET1K_V1``, or
 ``null`` for random initialisation) and ``freeze_bn`` (every BatchNorm layer in eval mode with
 ``requires_grad=False``, kept so across ``train()`` calls: PML trainers call ``.train()`` on
@@ -20,13 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torchvision
 from torch import nn
 
-__all__ = ["GoogLeNet", "GlobalPool", "ResNet50", "WeightsNotFoundError"]
+__all__ = ["GoogLeNet", "GlobalPool", "MapTrunk", "ResNet50", "WeightsNotFoundError"]
 
 POOLINGS = ("avg", "max", "avg+max")
 
@@ -54,6 +59,17 @@ class GlobalPool(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"
+
+
+@runtime_checkable
+class MapTrunk(Protocol):
+    """A trunk whose output is a pooling of feature maps: ``forward(x) = pool(feature_maps(x))``
+    and ``forward(x, pooled=False) = feature_maps(x)`` (the form a ``DistributedDataParallel``
+    wrapper passes on). ``pool`` has no parameters."""
+
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def pool(self, maps: torch.Tensor) -> torch.Tensor: ...
 
 
 def _resolve_weights(enum: Any, weights: str | None, trunk: str) -> Any:
@@ -117,8 +133,17 @@ class _Backbone(nn.Module):
                 m.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The last convolutional maps (B, output_size, H, W), before pooling."""
+        raise NotImplementedError
+
+    def pool(self, maps: torch.Tensor) -> torch.Tensor:
+        """The torchvision head after the maps: pooling, flattening, the removed classifier."""
+        return self.net.fc(torch.flatten(self.net.avgpool(maps), 1))
+
+    def forward(self, x: torch.Tensor, pooled: bool = True) -> torch.Tensor:
+        maps = self.feature_maps(x)
+        return self.pool(maps) if pooled else maps
 
 
 class ResNet50(_Backbone):
@@ -139,6 +164,12 @@ class ResNet50(_Backbone):
         net.avgpool = GlobalPool(pooling)
         net.fc = nn.Identity()
         super().__init__(net, 2048, freeze_bn)
+
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """``layer4``'s output (B, 2048, H/32, W/32), as torchvision's ``ResNet.forward``."""
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        return n.layer4(n.layer3(n.layer2(n.layer1(x))))
 
 
 class GoogLeNet(_Backbone):
@@ -168,3 +199,19 @@ class GoogLeNet(_Backbone):
         net.dropout = nn.Identity()
         net.fc = nn.Identity()
         super().__init__(net, 1024, freeze_bn)
+
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """``inception5b``'s output (B, 1024, H/32, W/32), as torchvision's
+        ``GoogLeNet.forward`` without the auxiliary heads (removed)."""
+        n = self.net
+        x = n._transform_input(x)
+        for name in ("conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a"):
+            x = getattr(n, name)(x)
+        for name in ("inception3b", "maxpool3", "inception4a", "inception4b", "inception4c"):
+            x = getattr(n, name)(x)
+        for name in ("inception4d", "inception4e", "maxpool4", "inception5a", "inception5b"):
+            x = getattr(n, name)(x)
+        return x
+
+    def pool(self, maps: torch.Tensor) -> torch.Tensor:
+        return self.net.fc(self.net.dropout(torch.flatten(self.net.avgpool(maps), 1)))

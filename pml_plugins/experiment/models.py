@@ -20,7 +20,9 @@ class SmallCNN(nn.Module):
     """Three conv blocks + global average pooling, for small grey images (MNIST, digits).
 
     ``output_size`` = ``width * 4``. BatchNorm can be frozen by PML's
-    ``freeze_trunk_batchnorm`` like any torchvision trunk.
+    ``freeze_trunk_batchnorm`` like any torchvision trunk. A
+    :class:`~pml_plugins.experiment.backbones.MapTrunk`: ``feature_maps(x)`` returns the
+    last block's maps, ``pool(maps)`` their global average.
     """
 
     def __init__(self, in_channels: int = 1, width: int = 32):
@@ -44,8 +46,18 @@ class SmallCNN(nn.Module):
         )
         self.output_size = width * 4
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's maps (B, output_size, H/4, W/4), before pooling."""
+        for layer in self.features[:-2]:
+            x = layer(x)
+        return x
+
+    def pool(self, maps: torch.Tensor) -> torch.Tensor:
+        return self.features[-1](self.features[-2](maps))
+
+    def forward(self, x: torch.Tensor, pooled: bool = True) -> torch.Tensor:
+        maps = self.feature_maps(x)
+        return self.pool(maps) if pooled else maps
 
 
 class Embedder(nn.Module):

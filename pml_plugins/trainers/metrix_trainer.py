@@ -6,7 +6,9 @@ import torch
 from pytorch_metric_learning.trainers import MetricLossOnly
 from pytorch_metric_learning.utils import common_functions as c_f
 
+from ..experiment.backbones import MapTrunk
 from ..losses.metrix import MetrixLoss
+from ..losses.metrix_pairs import MixedPairs
 
 
 class MetrixTrainer(MetricLossOnly):
@@ -20,30 +22,30 @@ class MetrixTrainer(MetricLossOnly):
     ``mode`` chooses what is mixed, with one :math:`\lambda \sim \mathrm{Beta}(\alpha,\alpha)`
     per iteration:
 
-    - ``"feature"``: the trunk runs once per iteration on the clean batch; pairs of its
-      output rows are mixed, :math:`\lambda f(x) + (1-\lambda) f(x')`, and only the mixed
-      rows go through the embedder. Pairs: every ordered pair of different labels
-      (``negatives="all"``) or each sample with its hardest negative
-      (``negatives="hardest"``).
-    - ``"input"``: each image is mixed with its hardest negative under the clean
-      embeddings of this iteration (no extra forward pass to find it), and the mixed images
-      go through trunk and embedder: one extra forward pass per sample.
+    - ``"feature"``: the trunk runs once per iteration on the clean batch. Where the trunk
+      is a :class:`~pml_plugins.experiment.backbones.MapTrunk` (``SmallCNN``, ``ResNet50``,
+      ``GoogLeNet``; a ``DistributedDataParallel`` wrapper is looked through), its feature
+      maps are mixed before pooling, :math:`\mathrm{pool}(\lambda F(x) + (1-\lambda) F(x'))`,
+      as the authors mix ResNet-50's ``layer4`` maps before GAP + GMP; any other trunk's
+      output rows are mixed, :math:`\lambda f(x) + (1-\lambda) f(x')`. Only the mixed
+      points go through the pooling and the embedder.
+    - ``"input"``: the mixed images (by default each positive of an anchor with the
+      anchor's hardest negative under the iteration's clean embeddings, no extra forward
+      pass to find it) go through trunk and embedder: one extra forward pass per mixed
+      point.
     - ``"embed"``: the loss mixes embeddings itself; the trainer is ``MetricLossOnly``.
 
-    The iteration's loss is ``clean + weight * mixed``: the clean loss is ``MetrixLoss``'s
-    inner loss on the batch (``tuple_miner`` if given, else the loss's own miner), the mixed
-    loss is :meth:`MetrixLoss.compute_mixed_loss` between the clean embeddings (anchors,
-    with gradient) and the mixed embeddings. Everything else (optimizers, schedulers, hooks,
-    samplers, ``freeze_these``, batch norm freezing) is PML's.
+    The mixing pairs are :meth:`MetrixLoss.mixing_pairs` of the clean loss's pairs
+    (``tuple_miner`` if given, else the loss's own miner). The iteration's loss is
+    ``clean + weight * mixed``: the clean loss is ``MetrixLoss``'s inner loss on the batch,
+    the mixed loss is :meth:`MetrixLoss.compute_mixed_loss` between the clean embeddings
+    (anchors, with gradient) and the mixed embeddings. Everything else (optimizers,
+    schedulers, hooks, samplers, ``freeze_these``, batch norm freezing) is PML's.
 
-    Paper vs project: Metrix/feature mixes the ResNet-50 ``layer4`` maps before pooling.
-    Here the trunk's output is mixed, whatever it is: the trunks of this project
-    (``SmallCNN``, torchvision backbones with the classifier removed) return pooled vectors
-    (B, F), so feature mode mixes the pooled feature. With global average pooling alone
-    this equals mixing the maps (pooling is linear); with GAP+GMP it does not. Running the
-    trunk once per iteration (the released code runs it three times) and taking the
-    hardest negative of each mixed sample in input mode (the code takes the anchor's) are
-    project decisions.
+    Paper vs project: running the trunk once per iteration (the released code runs it
+    three times; with frozen BatchNorm the result is the same) is a project decision. A
+    trunk that is not a ``MapTrunk`` has its output mixed, which equals mixing the maps
+    only where its pooling is linear (average pooling).
     """
 
     def custom_setup(self) -> None:
@@ -60,38 +62,55 @@ class MetrixTrainer(MetricLossOnly):
             return super().calculate_loss(curr_batch)
         data, labels = curr_batch
         data = c_f.to_device(data, device=self.data_device, dtype=self.dtype)
-        trunk_output = self.get_trunk_output(data)
+        maps = None
+        if loss_fn.mode == "feature" and isinstance(self.map_trunk(), MapTrunk):
+            maps = self.models["trunk"](data, pooled=False)
+            trunk_output = self.map_trunk().pool(maps)
+        else:
+            trunk_output = self.get_trunk_output(data)
         embeddings = self.get_final_embeddings(trunk_output)
         indices_tuple = self.maybe_mine_embeddings(embeddings, labels)
         if self.loss_weights.get("metric_loss", 0) <= 0:
             self.losses["metric_loss"] = 0
             return None
         labels = c_f.to_device(labels, embeddings)
+        indices_tuple = loss_fn.clean_indices(embeddings, labels, indices_tuple)
         clean = loss_fn(embeddings, labels, indices_tuple)
         lam = loss_fn.sample_lambda()
-        first, second = loss_fn.mixing_pairs(labels, embeddings)
-        if len(first) == 0:  # one class only: nothing to mix
-            mixed = loss_fn.compute_mixed_loss(
-                embeddings, labels, embeddings[:0], first, second, lam
+        pairs = loss_fn.mixing_pairs(labels, embeddings, indices_tuple)
+        if pairs.num_pairs == 0:  # nothing to mix (e.g. one class)
+            mixed_emb = embeddings[:0]
+        elif loss_fn.mode == "feature":
+            mixed_emb = self.mixed_feature_embeddings(
+                trunk_output if maps is None else maps, pairs, lam, pooled=maps is None
             )
         else:
-            mixed_emb = self.compute_mixed_embeddings(data, trunk_output, first, second, lam)
-            mixed = loss_fn.compute_mixed_loss(embeddings, labels, mixed_emb, first, second, lam)
+            mixed_emb = self.mixed_input_embeddings(data, pairs, lam)
+        mixed = loss_fn.compute_mixed_loss(embeddings, labels, mixed_emb, pairs, lam)
         self.losses["metric_loss"] = clean + loss_fn.weight * mixed
         return None
 
-    def compute_mixed_embeddings(
-        self,
-        data: torch.Tensor,
-        trunk_output: torch.Tensor,
-        first: torch.Tensor,
-        second: torch.Tensor,
-        lam: float,
+    def map_trunk(self) -> torch.nn.Module:
+        """The trunk, unwrapped from ``DistributedDataParallel`` / ``DataParallel``."""
+        trunk = self.models["trunk"]
+        return getattr(trunk, "module", trunk)
+
+    def mixed_feature_embeddings(
+        self, features: torch.Tensor, pairs: MixedPairs, lam: float, pooled: bool
     ) -> torch.Tensor:
-        """Embeddings of the mixed trunk outputs (feature mode) or mixed images (input)."""
-        if self.loss_funcs["metric_loss"].mode == "feature":
-            mixed = lam * trunk_output[first] + (1 - lam) * trunk_output[second]
-            return self.get_final_embeddings(mixed)
+        """Embeddings of the mixed feature maps (pooled after mixing) or mixed trunk outputs
+        (``pooled``)."""
+        first, second, _ = pairs.points
+        first, second = first.to(features.device), second.to(features.device)
+        mixed = lam * features[first] + (1 - lam) * features[second]
+        if not pooled:
+            mixed = self.map_trunk().pool(mixed)
+        return self.get_final_embeddings(mixed)
+
+    def mixed_input_embeddings(
+        self, data: torch.Tensor, pairs: MixedPairs, lam: float
+    ) -> torch.Tensor:
+        """Embeddings of the mixed images."""
+        first, second, _ = pairs.points
         first, second = first.to(data.device), second.to(data.device)
-        mixed_data = lam * data[first] + (1 - lam) * data[second]
-        return self.compute_embeddings(mixed_data)
+        return self.compute_embeddings(lam * data[first] + (1 - lam) * data[second])

@@ -11,7 +11,14 @@ from torch import nn
 from pml_plugins import registry
 from pml_plugins.experiment import config as cfg_mod
 from pml_plugins.experiment import run
-from pml_plugins.experiment.backbones import GlobalPool, GoogLeNet, ResNet50, WeightsNotFoundError
+from pml_plugins.experiment.backbones import (
+    GlobalPool,
+    GoogLeNet,
+    MapTrunk,
+    ResNet50,
+    WeightsNotFoundError,
+)
+from pml_plugins.experiment.models import SmallCNN
 from tests.datatrees import make_tree
 
 BN = nn.modules.batchnorm._BatchNorm
@@ -47,6 +54,31 @@ def test_resnet50_head_removed_and_pooling(resnet):
     assert torch.allclose(both, maps["out"].mean((2, 3)) + maps["out"].amax((2, 3)), atol=1e-5)
     with pytest.raises(ValueError, match="pooling"):
         GlobalPool("sum")
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        (lambda: ResNet50(weights=None, pooling="avg+max"), (3, 2048, 2, 2)),
+        (lambda: GoogLeNet(weights=None, pooling="avg+max"), (3, 1024, 2, 2)),
+        (lambda: SmallCNN(in_channels=3, width=4), (3, 16, 16, 16)),
+    ],
+    ids=["ResNet50", "GoogLeNet", "SmallCNN"],
+)
+def test_trunks_expose_their_maps_before_pooling(make, shape):
+    """feature_maps(x) are the maps that the trunk pools: forward(x) = pool(feature_maps(x)),
+    bit for bit the network's own forward (torchvision's, for the backbones)."""
+    torch.manual_seed(0)
+    trunk = make().eval()
+    assert isinstance(trunk, MapTrunk)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        maps = trunk.feature_maps(x)
+        own = trunk.net(x) if hasattr(trunk, "net") else trunk.features(x)
+        assert maps.shape == shape
+        assert torch.equal(trunk(x), own)
+        assert torch.equal(trunk.pool(maps), own)
+        assert torch.equal(trunk(x, pooled=False), maps)
 
 
 def _bn_state(model: nn.Module) -> dict[str, torch.Tensor]:

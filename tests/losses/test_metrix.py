@@ -17,7 +17,7 @@ from pml_plugins.losses import (
     SoftMultiSimilarityLoss,
     SoftProxyAnchorLoss,
 )
-from pml_plugins.losses.metrix import mixed_labels, mixing_pairs, own_mix_mask
+from pml_plugins.losses.metrix_pairs import mixed_labels, mixed_pairs
 from tests.loss_contract import (
     check_autocast_finite,
     check_empty_and_single_class,
@@ -51,17 +51,25 @@ def mix(lam, u, v):
     return [lam * a + (1 - lam) * b for a, b in zip(u, v, strict=True)]
 
 
-def naive_triples(labels: list[int]) -> list[list[tuple[int, int]]]:
-    """Per anchor, the (first, second) of its mixes (paper's pairing): each positive with each
-    negative; an anchor without positives: itself with each negative."""
+def naive_triples(
+    labels: list[int], positives: str = "first", pos_pairs=None, neg_pairs=None
+) -> list[list[tuple[int, int]]]:
+    """Per anchor, the (first, second) of its mixes: its first positive (``"first"``, the
+    authors' choice) or each positive (``"all"``) with each negative; an anchor without
+    positives: itself with each negative. ``pos_pairs``/``neg_pairs``: the candidate pairs
+    (default: all of the labels)."""
+    n = len(labels)
+    if pos_pairs is None:
+        pos_pairs = {
+            (a, p) for a in range(n) for p in range(n) if p != a and labels[p] == labels[a]
+        }
+        neg_pairs = {(a, x) for a in range(n) for x in range(n) if labels[x] != labels[a]}
     out = []
-    for a in range(len(labels)):
-        pos = [p for p in range(len(labels)) if p != a and labels[p] == labels[a]]
-        neg = [n for n in range(len(labels)) if labels[n] != labels[a]]
-        if pos:
-            out.append([(p, n) for p in pos for n in neg])
-        else:
-            out.append([(a, n) for n in neg])
+    for a in range(n):
+        pos = sorted(p for b, p in pos_pairs if b == a)
+        neg = sorted(x for b, x in neg_pairs if b == a)
+        sources = (pos[:1] if positives == "first" else pos) or [a]
+        out.append([(p, x) for p in sources for x in neg])
     return out
 
 
@@ -113,9 +121,9 @@ def naive_pa(points, memberships, proxies, alpha=32.0, margin=0.1):
     return (pos_total / with_pos if with_pos else 0.0) + neg_total / len(proxies)
 
 
-def naive_metrix(loss_name, emb, labels, lam, weight, proxies=None):
+def naive_metrix(loss_name, emb, labels, lam, weight, proxies=None, positives="first"):
     E, L = emb.tolist(), labels.tolist()
-    triples = naive_triples(L)
+    triples = naive_triples(L, positives)
     if loss_name == "proxy_anchor":
         C = len(proxies)
         onehot = [[1.0 if c == lab else 0.0 for c in range(C)] for lab in L]
@@ -157,14 +165,29 @@ LABEL_SETS = {
 @pytest.mark.parametrize("loss_name", ["multi_similarity", "contrastive", "proxy_anchor"])
 @pytest.mark.parametrize("labels_name", ["balanced", "singletons"])
 @pytest.mark.parametrize("lam", [0.0, 0.27, 0.5, 0.81, 1.0])
-def test_embed_mode_matches_naive(loss_name, labels_name, lam):
+@pytest.mark.parametrize("positives", [None, "all"])
+def test_embed_mode_matches_naive(loss_name, labels_name, lam, positives):
+    """Default (None): each anchor's first positive, as the authors' code."""
     labels = LABEL_SETS[labels_name]
     emb, _ = random_batch(len(labels), 8, seed=int(lam * 100))
-    loss = seeded_metrix(loss_name, lam=lam, miner=None)
+    loss = seeded_metrix(loss_name, lam=lam, miner=None, positives=positives)
     proxies = loss.loss.proxies.detach().double().tolist() if loss_name == "proxy_anchor" else None
     got = loss(emb, labels)
-    want = naive_metrix(loss_name, emb, labels, lam, 0.4, proxies)
+    want = naive_metrix(loss_name, emb, labels, lam, 0.4, proxies, positives or "first")
     assert got.item() == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_first_positive_and_all_positives_differ():
+    """On 5 classes x 16 the two pair choices give clearly different mixed terms, and the
+    first-positive choice has 15x fewer (anchor, mixed point) pairs."""
+    emb, labels = random_batch(80, 16, n_classes=5, seed=11)
+    labels = torch.arange(80) // 16
+    first = MetrixLoss(lam=0.5, miner=None, collect_stats=True)
+    every = MetrixLoss(lam=0.5, miner=None, positives="all", collect_stats=True)
+    first(emb, labels)
+    every(emb, labels)
+    assert first.num_mixed_pairs == 80 * 64 and every.num_mixed_pairs == 15 * 80 * 64
+    assert abs(first.mixed_loss - every.mixed_loss) > 0.01 * every.mixed_loss
 
 
 def test_anchor_pairs_all_matches_naive():
@@ -174,7 +197,7 @@ def test_anchor_pairs_all_matches_naive():
     lam = 0.35
     loss = MetrixLoss("multi_similarity", lam=lam, miner=None, anchor_pairs="all", weight=1.0)
     E, L = emb.tolist(), labels.tolist()
-    pairs = [(f, s) for f in range(len(L)) for s in range(len(L)) if L[f] != L[s]]
+    pairs = sorted({pair for per in naive_triples(L) for pair in per})
     mixed_in = [
         (
             E[a],
@@ -188,6 +211,30 @@ def test_anchor_pairs_all_matches_naive():
     clean_in = [(E[a], [(E[j], y) for j, y in c]) for a, c in enumerate(naive_clean_pairs(L))]
     want = naive_ms(clean_in, **MS) + naive_ms(mixed_in, **MS)
     assert loss(emb, labels).item() == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("mine_mixed", [True, False])
+def test_mixes_come_from_the_mined_pairs(mine_mixed):
+    """mine_mixed (default): the mixed pairs are built from the miner's pairs, as the
+    authors' MS code; False: from every pair of the batch."""
+    emb, labels = random_batch(16, 8, n_classes=4, seed=12)
+    miner = MultiSimilarityMiner(epsilon=0.1)
+    loss = MetrixLoss(lam=0.4, miner=miner, mine_mixed=mine_mixed)
+    a1, p, a2, n = miner(emb, labels)
+    assert 0 < len(a2) < int((labels[:, None] != labels[None, :]).sum())  # mining drops pairs
+    L, E = labels.tolist(), emb.tolist()
+    if mine_mixed:
+        pos = set(zip(a1.tolist(), p.tolist(), strict=True))
+        triples = naive_triples(L, "first", pos, set(zip(a2.tolist(), n.tolist(), strict=True)))
+    else:
+        triples = naive_triples(L)
+    mixed_in = [
+        (E[a], [(mix(0.4, E[f], E[s]), 0.4) for f, s in per]) for a, per in enumerate(triples)
+    ]
+    clean = SoftMultiSimilarityLoss(**MS)(emb, labels, (a1, p, a2, n))
+    want = clean.item() + 0.4 * naive_ms(mixed_in, **MS)
+    assert loss(emb, labels).item() == pytest.approx(want, rel=1e-9)
+    assert MetrixLoss().mine_mixed
 
 
 # ---------------------------------------------------------------- mixed labels, pinned
@@ -206,38 +253,48 @@ def test_mixed_label_values_by_pair_type():
         assert got.item() == pytest.approx(want), name
 
 
-def test_metrix_labels_per_anchor():
-    """Batch [0, 0, 1, 2]: anchor 0 sees positive 1 mixed with negatives 2, 3 (y = lam);
-    anchor 2 (no positive) sees itself mixed with 0, 1, 3 (y = lam); a negative-negative
-    mix is unseen ('own') or labelled 0 ('all')."""
-    labels = torch.tensor([0, 0, 1, 2])
-    lam = 0.3
-    first, second = mixing_pairs(labels)
-    loss = MetrixLoss("contrastive", lam=lam)
-    y_own = loss.mix_labels(labels, first, second, lam, torch.float64)
-    loss_all = MetrixLoss("contrastive", lam=lam, anchor_pairs="all")
-    y_all = loss_all.mix_labels(labels, first, second, lam, torch.float64)
-    pairs = list(zip(first.tolist(), second.tolist(), strict=True))
-
-    def seen(a):
-        return {
-            pairs[m]: y_own[a, m].item() for m in range(len(pairs)) if not math.isnan(y_own[a, m])
+def seen_mixes(loss: MetrixLoss, labels: torch.Tensor, lam: float) -> dict:
+    """anchor -> {(first, second): label} of the mixed points it sees."""
+    pairs = loss.mixing_pairs(labels)
+    y = loss.mix_labels(labels, pairs, lam, torch.float64)
+    first, second, _ = pairs.points
+    return {
+        a: {
+            (f, s): y[a, m].item()
+            for m, (f, s) in enumerate(zip(first.tolist(), second.tolist(), strict=True))
+            if not math.isnan(y[a, m])
         }
+        for a in range(len(labels))
+    }
 
-    assert seen(0) == pytest.approx({(1, 2): lam, (1, 3): lam})
-    assert seen(1) == pytest.approx({(0, 2): lam, (0, 3): lam})
-    assert seen(2) == pytest.approx({(2, 0): lam, (2, 1): lam, (2, 3): lam})
-    m = pairs.index((0, 2))  # for anchor 3: a negative-negative mix
-    assert math.isnan(y_own[3, m]) and y_all[3, m].item() == 0.0
-    m = pairs.index((2, 0))  # for anchor 0: a negative-positive mix
-    assert y_all[0, m].item() == pytest.approx(1 - lam)
+
+def test_metrix_labels_per_anchor():
+    """Batch [0, 0, 0, 1, 2]: anchor 0 sees its first positive 1 mixed with negatives 3, 4
+    (y = lam), anchors 1, 2 their first positive 0; anchor 3 (no positive) sees itself
+    mixed with 0, 1, 2, 4; with ``positives="all"`` anchor 0 sees positive 2's mixes too;
+    ``anchor_pairs="all"`` labels a negative-negative mix 0."""
+    labels = torch.tensor([0, 0, 0, 1, 2])
+    lam = 0.3
+    seen = seen_mixes(MetrixLoss("contrastive"), labels, lam)
+    assert seen[0] == pytest.approx({(1, 3): lam, (1, 4): lam})
+    assert seen[1] == seen[2] == pytest.approx({(0, 3): lam, (0, 4): lam})
+    assert seen[3] == pytest.approx({(3, 0): lam, (3, 1): lam, (3, 2): lam, (3, 4): lam})
+    seen_all = seen_mixes(MetrixLoss("contrastive", positives="all"), labels, lam)
+    assert seen_all[0] == pytest.approx({(p, n): lam for p in (1, 2) for n in (3, 4)})
+    loss_all = MetrixLoss("contrastive", anchor_pairs="all")
+    pairs = loss_all.mixing_pairs(labels)
+    y_all = loss_all.mix_labels(labels, pairs, lam, torch.float64)
+    points = list(zip(*[t.tolist() for t in pairs.points[:2]], strict=True))
+    assert y_all[4, points.index((0, 3))].item() == 0.0  # anchor 4: negative-negative
+    assert y_all[0, points.index((3, 0))].item() == pytest.approx(1 - lam)
 
 
 def test_proxy_memberships_of_mixes():
     labels = torch.tensor([0, 0, 1, 2])
-    first, second = mixing_pairs(labels)
     loss = MetrixLoss("proxy_anchor", num_classes=4, embedding_size=3)
-    y = loss.mix_labels(labels, first, second, 0.3, torch.float64)
+    pairs = loss.mixing_pairs(labels)
+    y = loss.mix_labels(labels, pairs, 0.3, torch.float64)
+    first, second, _ = pairs.points
     for m, (f, s) in enumerate(zip(first.tolist(), second.tolist(), strict=True)):
         want = [0.0] * 4
         want[labels[f]] += 0.3
@@ -245,26 +302,43 @@ def test_proxy_memberships_of_mixes():
         assert y[m].tolist() == pytest.approx(want)
 
 
-def test_each_triple_mixed_once():
+@pytest.mark.parametrize("positives", ["first", "all"])
+def test_each_triple_mixed_once(positives):
     labels = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 4])
-    first, _ = mixing_pairs(labels)
-    mask = own_mix_mask(labels, first)
-    per_anchor = [len(t) for t in naive_triples(labels.tolist())]
-    assert mask.sum(dim=1).tolist() == per_anchor
-    assert len(set(zip(*mixing_pairs(labels), strict=True))) == len(
-        first
-    )  # no duplicate mixed point
+    pairs = mixed_pairs(labels, positives=positives)
+    rows, seconds = pairs.entries
+    triples = list(
+        zip(
+            pairs.anchors[rows].tolist(), pairs.firsts[rows].tolist(), seconds.tolist(), strict=True
+        )
+    )
+    want = [
+        (a, f, s) for a, per in enumerate(naive_triples(labels.tolist(), positives)) for f, s in per
+    ]
+    assert sorted(triples) == sorted(want) and len(set(triples)) == len(triples)
 
 
 def test_hardest_negative_pairs():
+    """negatives="hardest": each anchor's hardest negative (the authors' input mode)."""
     emb, labels = random_batch(10, 4, n_classes=3, seed=6)
-    loss = MetrixLoss("multi_similarity", negatives="hardest")
-    first, second = loss.mixing_pairs(labels, emb)
+    loss = MetrixLoss("multi_similarity", negatives="hardest", positives="all")
+    pairs = loss.mixing_pairs(labels, emb)
     E, L = emb.tolist(), labels.tolist()
-    assert first.tolist() == list(range(10))
-    for i, j in zip(first.tolist(), second.tolist(), strict=True):
-        negs = [n for n in range(10) if L[n] != L[i]]
-        assert j == max(negs, key=lambda n: cos(E[i], E[n]))
+    rows, seconds = pairs.entries
+    anchors = pairs.anchors[rows].tolist()
+    for a, f, s in zip(anchors, pairs.firsts[rows].tolist(), seconds.tolist(), strict=True):
+        negs = [n for n in range(10) if L[n] != L[a]]
+        assert s == max(negs, key=lambda n: cos(E[a], E[n]))
+        assert (L[f] == L[a] and f != a) or (f == a and L.count(L[a]) == 1)
+    want = sum(max(L.count(L[a]) - 1, 1) for a in range(10))
+    assert len(anchors) == want
+
+
+def test_input_mode_defaults_are_the_authors():
+    loss = MetrixLoss(mode="input")
+    assert (loss.positives, loss.negatives) == ("all", "hardest")
+    loss = MetrixLoss(mode="feature")
+    assert (loss.positives, loss.negatives) == ("first", "all")
 
 
 # ---------------------------------------------------------------- lambda
@@ -285,7 +359,9 @@ def test_lambda_is_beta_distributed_and_recorded():
     fixed = MetrixLoss("contrastive", lam=loss.mix_lambda, collect_stats=True)
     torch.testing.assert_close(out, fixed(emb, labels))
     assert loss.clean_loss + 0.4 * loss.mixed_loss == pytest.approx(out.item())
-    assert loss.num_mixed == int((labels[:, None] != labels[None, :]).sum())
+    triples = naive_triples(labels.tolist())
+    assert loss.num_mixed_pairs == sum(len(t) for t in triples)
+    assert loss.num_mixed == len({pair for per in triples for pair in per})
 
 
 @pytest.mark.parametrize("loss_name", ["multi_similarity", "contrastive", "proxy_anchor"])
@@ -364,6 +440,8 @@ def test_errors():
         MetrixLoss(SoftContrastiveLoss(), neg_margin=0.3)
     with pytest.raises(ValueError, match="lam"):
         MetrixLoss(lam=1.5)
+    with pytest.raises(ValueError, match="positives"):
+        MetrixLoss(positives="some")
 
 
 def test_registry_builds_metrix_with_an_inner_loss_spec():

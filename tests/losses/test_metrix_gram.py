@@ -54,18 +54,23 @@ def make(loss_name: str, dist_name: str, **kw) -> MetrixLoss:
 
 def both_paths(loss: MetrixLoss, emb: torch.Tensor, labels: torch.Tensor, lam: float):
     """(value, grads) of the Gram path and of the generic path on the same mixed points."""
-    first, second = loss.mixing_pairs(labels, emb)
+    pairs = loss.mixing_pairs(labels, emb)
     params = [emb, *loss.parameters()]
     out = []
     for gram_path in (True, False):
         if gram_path:
-            value = loss.compute_embed_mixed_loss(emb, labels, first, second, lam)
+            value = loss.compute_embed_mixed_loss(emb, labels, pairs, lam)
         else:
-            mixed_emb = lam * emb[first] + (1 - lam) * emb[second]
-            value = loss.compute_mixed_loss(emb, labels, mixed_emb, first, second, lam)
+            value = generic(loss, emb, labels, pairs, lam)
         used = [p for p in params if p.requires_grad]
         out.append((value, torch.autograd.grad(value, used, allow_unused=True)))
     return out
+
+
+def generic(loss: MetrixLoss, emb, labels, pairs, lam):
+    """The generic path: the mixed points built, then the soft-label loss."""
+    mixed_emb = loss.build_mixed_embeddings(emb, pairs, lam)
+    return loss.compute_mixed_loss(emb, labels, mixed_emb, pairs, lam)
 
 
 def assert_same(fast, generic):
@@ -78,53 +83,48 @@ def assert_same(fast, generic):
             torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
 
 
-#: anchor_pairs does not apply to Proxy-Anchor (the anchors are the proxies)
-LOSS_PAIRS = [(n, p) for n in INNER for p in ("own", "all") if (n, p) != ("proxy_anchor", "all")]
-
-
-@pytest.mark.parametrize(("loss_name", "anchor_pairs"), LOSS_PAIRS)
+@pytest.mark.parametrize("loss_name", list(INNER))
 @pytest.mark.parametrize("dist_name", list(DISTANCES))
+@pytest.mark.parametrize("positives", ["first", "all"])
 @pytest.mark.parametrize("negatives", ["all", "hardest"])
-def test_gram_path_equals_generic_path(loss_name, dist_name, anchor_pairs, negatives):
-    loss = make(loss_name, dist_name, anchor_pairs=anchor_pairs, negatives=negatives)
+def test_gram_path_equals_generic_path(loss_name, dist_name, positives, negatives):
+    loss = make(loss_name, dist_name, positives=positives, negatives=negatives)
     assert loss.gram_path_applies()
     emb, _ = random_batch(len(LABELS), 6, seed=11)
     for lam in (0.37, 0.81):
         assert_same(*both_paths(loss, emb, LABELS, lam))
 
 
-@pytest.mark.parametrize(("loss_name", "anchor_pairs"), LOSS_PAIRS)
+@pytest.mark.parametrize("loss_name", list(INNER))
 @pytest.mark.parametrize("dist_name", ["cosine", "euclid", "euclid_raw^2"])
+@pytest.mark.parametrize("positives", ["first", "all"])
 @pytest.mark.parametrize("lam", [0.0, 1.0])
-def test_gram_path_equals_generic_path_at_extreme_lambda(loss_name, dist_name, anchor_pairs, lam):
+def test_gram_path_equals_generic_path_at_extreme_lambda(loss_name, dist_name, positives, lam):
     """λ ∈ {0, 1}: a mixed point can be its anchor (Euclidean distance exactly 0). A batch
-    this small (22 mixed points) keeps ``torch.cdist`` (generic path) on its exact branch:
+    this small (at most 22 mixed points) keeps ``torch.cdist`` (generic path) on its exact branch:
     above 25 points it switches to a matrix-product form that returns 0 or ~1e-8 there."""
     labels = torch.tensor([0, 0, 1, 0, 1, 2])  # 2 has no positive
-    loss = make(loss_name, dist_name, anchor_pairs=anchor_pairs)
+    loss = make(loss_name, dist_name, positives=positives)
     emb, _ = random_batch(len(labels), 6, seed=12)
     assert_same(*both_paths(loss, emb, labels, lam))
 
 
 @pytest.mark.parametrize("loss_name", ["multi_similarity", "contrastive"])
-@pytest.mark.parametrize("anchor_pairs", ["own", "all"])
-def test_gram_path_gives_the_reducer_the_same_input(loss_name, anchor_pairs):
+@pytest.mark.parametrize("positives", ["first", "all"])
+def test_gram_path_gives_the_reducer_the_same_input(loss_name, positives):
     """Per-anchor / per-pair losses and their indices, in the same order."""
     dist = "cosine" if loss_name == "multi_similarity" else "euclid"
-    loss = make(loss_name, dist, anchor_pairs=anchor_pairs)
+    loss = make(loss_name, dist, positives=positives)
     loss.loss.reducer = DoNothingReducer()
     emb, _ = random_batch(len(LABELS), 6, seed=13)
-    first, second = loss.mixing_pairs(LABELS, emb)
-    fast = loss.compute_embed_mixed_loss(emb, LABELS, first, second, 0.6)
-    mixed_emb = 0.6 * emb[first] + 0.4 * emb[second]
-    generic = loss.compute_mixed_loss(emb, LABELS, mixed_emb, first, second, 0.6)
-    assert fast.keys() == generic.keys()
+    pairs = loss.mixing_pairs(LABELS, emb)
+    fast = loss.compute_embed_mixed_loss(emb, LABELS, pairs, 0.6)
+    slow = generic(loss, emb, LABELS, pairs, 0.6)
+    assert fast.keys() == slow.keys()
     for name in fast:
-        torch.testing.assert_close(
-            fast[name]["losses"], generic[name]["losses"], rtol=RTOL, atol=ATOL
-        )
-        assert fast[name]["reduction_type"] == generic[name]["reduction_type"]
-        idx_fast, idx_gen = fast[name]["indices"], generic[name]["indices"]
+        torch.testing.assert_close(fast[name]["losses"], slow[name]["losses"], rtol=RTOL, atol=ATOL)
+        assert fast[name]["reduction_type"] == slow[name]["reduction_type"]
+        idx_fast, idx_gen = fast[name]["indices"], slow[name]["indices"]
         if isinstance(idx_gen, tuple):
             assert all(torch.equal(a, b) for a, b in zip(idx_fast, idx_gen, strict=True))
         else:
@@ -137,15 +137,21 @@ def test_gram_path_records_the_same_stats(loss_name):
     loss.loss.distance.collect_stats = True
     emb, _ = random_batch(len(LABELS), 6, seed=14)
     emb = emb * torch.linspace(0.5, 2.0, len(LABELS), dtype=emb.dtype).unsqueeze(1)
-    first, second = loss.mixing_pairs(LABELS, emb)
+    pairs = loss.mixing_pairs(LABELS, emb)
     names = ["initial_avg_query_norm", "initial_avg_ref_norm", "final_avg_query_norm"]
     names += ["final_avg_ref_norm"]
-    loss.compute_embed_mixed_loss(emb, LABELS, first, second, 0.3)
-    fast = [getattr(loss.loss.distance, k) for k in names] + [loss.mixed_loss, loss.num_mixed]
-    mixed_emb = 0.3 * emb[first] + 0.7 * emb[second]
-    loss.compute_mixed_loss(emb, LABELS, mixed_emb, first, second, 0.3)
-    generic = [getattr(loss.loss.distance, k) for k in names] + [loss.mixed_loss, loss.num_mixed]
-    assert fast == pytest.approx(generic, rel=1e-10)
+
+    def stats():
+        return [getattr(loss.loss.distance, k) for k in names] + [
+            loss.mixed_loss,
+            loss.num_mixed,
+            loss.num_mixed_pairs,
+        ]
+
+    loss.compute_embed_mixed_loss(emb, LABELS, pairs, 0.3)
+    fast = stats()
+    generic(loss, emb, LABELS, pairs, 0.3)
+    assert fast == pytest.approx(stats(), rel=1e-10)
 
 
 def test_forward_uses_the_gram_path_with_the_same_result():
@@ -153,11 +159,8 @@ def test_forward_uses_the_gram_path_with_the_same_result():
     emb, _ = random_batch(len(LABELS), 6, seed=15)
     loss = MetrixLoss("multi_similarity", lam=0.45, miner=None).double()
     assert loss.gram_path_applies()
-    first, second = loss.mixing_pairs(LABELS, emb)
-    mixed_emb = 0.45 * emb[first] + 0.55 * emb[second]
-    want = loss.compute_clean_loss(emb, LABELS) + 0.4 * loss.compute_mixed_loss(
-        emb, LABELS, mixed_emb, first, second, 0.45
-    )
+    pairs = loss.mixing_pairs(LABELS, emb)
+    want = loss.compute_clean_loss(emb, LABELS) + 0.4 * generic(loss, emb, LABELS, pairs, 0.45)
     torch.testing.assert_close(loss(emb, LABELS), want, rtol=RTOL, atol=ATOL)
 
 
@@ -177,41 +180,36 @@ def test_unsupported_distances_fall_back_to_the_generic_path(distance):
     loss = MetrixLoss(SoftMultiSimilarityLoss(distance=distance), lam=0.3, miner=None)
     assert not loss.gram_path_applies()
     emb, _ = random_batch(len(LABELS), 6, seed=16)
-    first, second = loss.mixing_pairs(LABELS, emb)
-    mixed_emb = 0.3 * emb[first] + 0.7 * emb[second]
-    generic = loss.compute_mixed_loss(emb, LABELS, mixed_emb, first, second, 0.3)
-    assert loss.compute_embed_mixed_loss(emb, LABELS, first, second, 0.3) == generic
+    pairs = loss.mixing_pairs(LABELS, emb)
+    want = generic(loss, emb, LABELS, pairs, 0.3)
+    assert loss.compute_embed_mixed_loss(emb, LABELS, pairs, 0.3) == want
 
 
 def test_other_fallbacks():
-    """Proxy-Anchor with an embedding regularizer (it would need the mixed points) takes the
-    generic path; so do mixing pairs of one class (labels other than λ) with "own" pairs."""
+    """Proxy-Anchor with an embedding regularizer (it would need the mixed points) and
+    ``anchor_pairs="all"`` take the generic path."""
     pa = SoftProxyAnchorLoss(num_classes=5, embedding_size=6, embedding_regularizer=LpRegularizer())
     assert not MetrixLoss(pa).gram_path_applies()
-
-    class SameClassPairs(MetrixLoss):
-        def mixing_pairs(self, labels, embeddings=None):
-            return torch.tensor([0, 0, 3]), torch.tensor([3, 1, 7])  # (0, 3), (3, 7): class 0
-
-    loss = SameClassPairs("multi_similarity", miner=None).double()
-    assert loss.gram_path_applies()
+    loss = MetrixLoss("multi_similarity", miner=None, anchor_pairs="all").double()
+    assert not loss.gram_path_applies()
     emb, _ = random_batch(len(LABELS), 6, seed=17)
-    first, second = loss.mixing_pairs(LABELS)
-    assert_same(*both_paths(loss, emb, LABELS, 0.3))
+    pairs = loss.mixing_pairs(LABELS)
+    want = generic(loss, emb, LABELS, pairs, 0.3)
+    assert loss.compute_embed_mixed_loss(emb, LABELS, pairs, 0.3) == want
 
 
 def test_gram_path_float32_and_no_mixes():
     emb, _ = random_batch(len(LABELS), 6, seed=18)
     loss = MetrixLoss("multi_similarity", miner=None).double()
-    first, second = loss.mixing_pairs(LABELS, emb)
+    pairs = loss.mixing_pairs(LABELS, emb)
     want = both_paths(loss, emb, LABELS, 0.3)[1][0]
-    got = loss.float().compute_embed_mixed_loss(emb.float(), LABELS, first, second, 0.3)
+    got = loss.float().compute_embed_mixed_loss(emb.float(), LABELS, pairs, 0.3)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     one_class = torch.zeros(len(LABELS), dtype=torch.long)
-    first, second = loss.mixing_pairs(one_class, emb)
-    assert len(first) == 0
-    assert loss.double().compute_embed_mixed_loss(emb, one_class, first, second, 0.3) == 0
+    pairs = loss.mixing_pairs(one_class, emb)
+    assert pairs.num_pairs == 0
+    assert loss.double().compute_embed_mixed_loss(emb, one_class, pairs, 0.3) == 0
 
 
 @pytest.mark.parametrize("loss_name", list(INNER))
@@ -222,10 +220,10 @@ def test_gram_path_half_precision_large_norms(loss_name, dtype):
     loss = make(loss_name, "cosine")
     emb, _ = random_batch(len(LABELS), 6, seed=19, requires_grad=False)
     emb = emb * 1000 / emb.norm(dim=1, keepdim=True)
-    first, second = loss.mixing_pairs(LABELS, emb)
-    want = loss.compute_embed_mixed_loss(emb, LABELS, first, second, 0.3)
+    pairs = loss.mixing_pairs(LABELS, emb)
+    want = loss.compute_embed_mixed_loss(emb, LABELS, pairs, 0.3)
     low = emb.to(dtype).requires_grad_(True)
-    got = loss.compute_embed_mixed_loss(low, LABELS, first, second, 0.3)
+    got = loss.compute_embed_mixed_loss(low, LABELS, pairs, 0.3)
     assert got.dtype == dtype
     torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=1e-3)
     got.backward()

@@ -60,12 +60,16 @@ def aggregate_outputs():
         "summary": report(
             f"{RESULTS}/summary.csv", caption="../report/summary.rst", category="Tables"
         ),
+        "comparisons": report(
+            f"{RESULTS}/comparisons.csv", caption="../report/comparisons.rst", category="Tables"
+        ),
     }
     files = {
         "table": ("table.md", "table.rst", "Tables"),
         "recall": ("recall_at_k.png", "recall_at_k.rst", "Recall@K"),
         "heatmap_map": ("heatmap_map_at_r.png", "heatmap.rst", "Heatmaps"),
         "heatmap_r1": ("heatmap_recall_at_1.png", "heatmap.rst", "Heatmaps"),
+        "ranks": ("rank_map_at_r.png", "rank.rst", "Ranks"),
         "curves": ("training_curves.png", "training_curves.rst", "Training curves"),
     }
     if 2 in config["embedding_sizes"]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from pytorch_metric_learning.losses import MultiSimilarityLoss
 from pytorch_metric_learning.samplers import MPerClassSampler
+from pytorch_metric_learning.utils import common_functions as c_f
 from sklearn.datasets import load_digits
 
 from pml_plugins.losses import MetrixLoss
@@ -65,6 +66,7 @@ def make_trainer(
     **kwargs,
 ):
     torch.manual_seed(0)
+    c_f.NUMPY_RANDOM.seed(0)  # MPerClassSampler's batches
     images, labels = digits()
     trunk = TinyMapCNN() if trunk is None else trunk
     # a non-linear embedder, so that mixing features and mixing embeddings differ

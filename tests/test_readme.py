@@ -21,6 +21,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 try:
     import tomllib
@@ -129,14 +130,18 @@ def test_marked_blocks_say_why(block):
 
 def test_main_job_plans_the_whole_grid(tmp_path):
     """The main job's command as a dry run (the grid itself runs in tests/workflow): in a
-    fresh copy of the workflow, without run folders, it plans all 54 training jobs and the
-    aggregation."""
+    fresh copy of the workflow, without run folders, it plans one training job per cell of
+    the default grid (losses x embedding sizes x seeds), the number the README states, and
+    the aggregation."""
+    grid = yaml.safe_load((REPO / "workflow/config/config.yaml").read_text())
+    cells = len(grid["losses"]) * len(grid["embedding_sizes"]) * len(grid["seeds"])
+    assert f"all {cells} runs of the default grid" in README.read_text()
     (cmd,) = commands(by_content("snakemake --cores all")["code"])
     assert cmd == "snakemake --cores all"
     proc = run(cmd.replace("snakemake", "snakemake -n", 1), scratch(tmp_path))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    assert re.search(r"^train\s+54\s*$", out, re.MULTILINE), out[-3000:]
+    assert re.search(rf"^train\s+{cells}\s*$", out, re.MULTILINE), out[-3000:]
     assert re.search(r"^aggregate\s+1\s*$", out, re.MULTILINE), out[-3000:]
 
 

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-import torchvision
 from torch import nn
 
 __all__ = ["GoogLeNet", "GlobalPool", "MapTrunk", "ResNet50", "WeightsNotFoundError"]
@@ -158,6 +157,8 @@ class ResNet50(_Backbone):
     def __init__(
         self, weights: str | None = "IMAGENET1K_V2", pooling: str = "avg", freeze_bn: bool = False
     ):
+        import torchvision  # here, not at the top: jobs with another trunk skip its 1 s import
+
         net = load_torchvision(
             torchvision.models.resnet50, torchvision.models.ResNet50_Weights, weights, "ResNet50"
         )
@@ -188,6 +189,8 @@ class GoogLeNet(_Backbone):
         self, weights: str | None = "IMAGENET1K_V1", pooling: str = "avg", freeze_bn: bool = False
     ):
         kwargs: dict[str, Any] = {} if weights else {"aux_logits": False, "init_weights": True}
+        import torchvision  # here, not at the top: jobs with another trunk skip its 1 s import
+
         net = load_torchvision(
             torchvision.models.googlenet,
             torchvision.models.GoogLeNet_Weights,

@@ -33,7 +33,7 @@ from .tables import short_name
 #: Okabe & Ito's colour-blind-safe palette without its yellow (too light on white)
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
-LINESTYLES = ("-", "--", "-.", ":")
+LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 2)))
 #: the untrained network: grey, dotted, crosses
 UNTRAINED_STYLE = {"color": "#888888", "marker": "x", "linestyle": ":"}
 #: bins of the angle histograms of the 2-D embeddings
@@ -340,8 +340,9 @@ def plot_training_curves(runs: Sequence[Run], dataset: str, path: Path) -> Path:
         f"colour and marker: embedding size, line style: seed",
         fontsize=10,
     )
-    labels = sorted(handles, key=lambda x: [int(n) for n in re.findall(r"\d+", x)])
-    _legend_below(fig, handles, labels, ncol=2 * len(seeds) if len(labels) > 8 else 8)
+    # one legend column per seed, one row per embedding size (matplotlib fills columns first)
+    labels = sorted(handles, key=lambda x: [int(n) for n in re.findall(r"\d+", x)][::-1])
+    _legend_below(fig, handles, labels, ncol=max(1, len(seeds)))
     return _save(fig, path, dpi=100)
 
 

@@ -36,18 +36,14 @@ from pml_plugins.cli import main
 from pml_plugins.experiment import data, run
 from pytorch_metric_learning.trainers import BaseTrainer
 mark("imports")
-load_splits = data.load_splits
-def timed_load(*a, **k):
-    out = load_splits(*a, **k)
-    mark("data")
-    return out
-data.load_splits = timed_load
-untrained = run.untrained_metrics
-def timed_untrained(*a, **k):
-    out = untrained(*a, **k)
-    mark("untrained evaluation")
-    return out
-run.untrained_metrics = timed_untrained
+def timed(fn, name):
+    def wrapper(*a, **k):
+        out = fn(*a, **k)
+        mark(name)
+        return out
+    return wrapper
+data.load_splits = timed(data.load_splits, "data")
+run.untrained_metrics = timed(run.untrained_metrics, "untrained evaluation")
 step = BaseTrainer.step_optimizers
 def timed_step(self):
     step(self)

@@ -4,12 +4,16 @@
 - the Dockerfile (parsed with ``dockerfile-parse``) and ``containers/apptainer.def`` keep the
   conventions: a pinned CUDA runtime base whose torch/Python lie in the package's supported
   ranges, a multi-stage wheel build, a non-root user, the CLI as entry point, OCI labels;
-- the image tag is the same in the Dockerfile, the Apptainer definition, the workflow's grid
+- the CPU variant (``--build-arg VARIANT=cpu``) has its own tag, pinned CPU torch and
+  torchvision in the supported ranges, and faiss-cpu;
+- the image tags are the same in the Dockerfile, the Apptainer definition, the workflow's grid
   configs, docs/containers.md and the README;
-- the requirements step of the Dockerfile and the Apptainer ``%test`` are run here, outside
-  a container;
-- the documented ``docker run`` command line is run with the local CLI, the container's paths
-  mapped to temporary folders.
+- the requirements step of the Dockerfile (both variants) and the Apptainer ``%test`` are run
+  here, outside a container;
+- the documented ``docker run`` command lines (GPU and CPU) are run with the local CLI, the
+  container's paths mapped to temporary folders;
+- ``containers/smoke.sh``, which builds and runs the CPU variant for real, is valid bash and
+  builds this Dockerfile; ``.ci/run`` runs it after the test command.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ except ModuleNotFoundError:  # Python 3.10
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "containers" / "Dockerfile"
+SMOKE = REPO / "containers" / "smoke.sh"
+CI_RUN = REPO / ".ci" / "run"
 HADOLINT_CONFIG = REPO / "containers" / ".hadolint.yaml"
 APPTAINER_DEF = REPO / "containers" / "apptainer.def"
 DOCKERIGNORE = REPO / ".dockerignore"
@@ -76,9 +82,13 @@ def _requirement(name: str, extra: str | None = None) -> Requirement:
     return found[0]
 
 
-def _dockerfile() -> DockerfileParser:
+#: the build arguments of the CPU variant, as docs/containers.md and the README give them
+CPU_BUILD_ARGS = {"VARIANT": "cpu", "BASE_IMAGE": "python:3.11-slim-bookworm"}
+
+
+def _dockerfile(build_args: dict[str, str] | None = None) -> DockerfileParser:
     assert DOCKERFILE.is_file(), f"{DOCKERFILE} is missing"
-    return DockerfileParser(str(DOCKERFILE))
+    return DockerfileParser(str(DOCKERFILE), build_args=build_args or {})
 
 
 def _stages(parser: DockerfileParser) -> list[dict]:
@@ -112,11 +122,16 @@ def _base_tag() -> re.Match:
     return match
 
 
-def _image_tag() -> str:
+def _image_tag(build_args: dict[str, str] | None = None) -> str:
     """The image's own tag, as the Dockerfile records it in ENV PML_PLUGINS_IMAGE."""
-    tag = _dockerfile().envs.get("PML_PLUGINS_IMAGE")
+    tag = _dockerfile(build_args).envs.get("PML_PLUGINS_IMAGE")
     assert tag, "containers/Dockerfile: ENV PML_PLUGINS_IMAGE=<image tag> is missing"
+    assert "$" not in tag, f"unresolved build argument in the tag: {tag!r}"
     return tag
+
+
+def _cpu_image_tag() -> str:
+    return _image_tag(CPU_BUILD_ARGS)
 
 
 def _global_args(parser: DockerfileParser) -> dict[str, str]:
@@ -311,25 +326,42 @@ def test_dependency_manifests_come_before_the_source():
     assert set(sources) <= {"pyproject.toml", "README.md"}, sources
 
 
-def test_requirements_step_yields_the_dependencies_and_the_gpu_extra(tmp_path):
+def _requirements_step(tmp_path: Path, variant: str | None) -> list[Requirement]:
     """Run the Dockerfile's requirements RUN here on a copy of pyproject.toml."""
     stages = _stages(_dockerfile())
     req_stage = next(s for s in stages if s["name"] == "requirements")
+    assert any(a["value"] == "VARIANT" for a in _of(req_stage, "ARG")), "ARG VARIANT missing"
     runs = _of(req_stage, "RUN")
     assert len(runs) == 1
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("VARIANT", None)
+    if variant is not None:  # an ARG is an environment variable of the RUN steps
+        env["VARIANT"] = variant
     res = subprocess.run(
         ["sh", "-c", runs[0]["value"]], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert res.returncode == 0, res.stderr
-    got = [Requirement(r) for r in (tmp_path / "requirements.txt").read_text().split()]
+    return [Requirement(r) for r in (tmp_path / "requirements.txt").read_text().split()]
+
+
+@pytest.mark.parametrize("variant", [None, "cuda12.8"])
+def test_requirements_step_yields_the_dependencies_and_the_gpu_extra(tmp_path, variant):
+    got = _requirements_step(tmp_path, variant)
     project = _pyproject()["project"]
     expected = [Requirement(r) for r in project["dependencies"]]
     expected += [Requirement(r) for r in project["optional-dependencies"]["gpu"]]
     expected = [r for r in expected if r.name != "faiss-cpu"]
     assert [str(r) for r in got] == [str(r) for r in expected]
     assert any(r.name.startswith("faiss-gpu") for r in got)
+
+
+def test_requirements_step_of_the_cpu_variant_keeps_faiss_cpu(tmp_path):
+    got = _requirements_step(tmp_path, "cpu")
+    expected = [Requirement(r) for r in _pyproject()["project"]["dependencies"]]
+    assert [str(r) for r in got] == [str(r) for r in expected]
+    assert any(r.name == "faiss-cpu" for r in got)
+    assert not any(r.name.startswith("faiss-gpu") for r in got)
 
 
 def test_final_user_is_not_root():
@@ -384,6 +416,47 @@ def test_oci_labels_and_the_image_tag():
     assert labels["org.opencontainers.image.base.name"].endswith(_final_stage()["image"])
     tag = _image_tag()
     assert tag == f"{IMAGE_NAME}:{project['version']}-cuda{_base_tag()['cuda']}", tag
+
+
+def test_cpu_variant_has_its_own_tag_base_and_pinned_cpu_torch():
+    project = _pyproject()["project"]
+    assert _cpu_image_tag() == f"{IMAGE_NAME}:{project['version']}-cpu"
+    args = _global_args(_dockerfile())
+    assert args.get("VARIANT") == f"cuda{_base_tag()['cuda']}", "the default is the CUDA image"
+    # the CPU base: a slim Python image of the Python that PYTHON_VERSION states
+    cpu_stages = _stages(_dockerfile(CPU_BUILD_ARGS))
+    assert {s["image"] for s in cpu_stages} == {CPU_BUILD_ARGS["BASE_IMAGE"]}
+    assert CPU_BUILD_ARGS["BASE_IMAGE"].startswith(f"python:{args['PYTHON_VERSION']}-slim-")
+    # CPU torch: the CUDA image's torch, its torchvision, both in the supported ranges
+    torch_v, tv = Version(args["TORCH_VERSION"]), Version(args["TORCHVISION_VERSION"])
+    assert torch_v == Version(_base_tag()["torch"]), "both images ship the same torch"
+    assert torch_v in _requirement("torch").specifier
+    assert tv == Version(f"0.{torch_v.minor + 15}") and tv in _requirement("torchvision").specifier
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    final = _final_stage()
+    runs = [r["value"] for r in _of(final, "RUN")]
+    cpu = [r for r in runs if "${TORCH_INDEX_URL}" in r]
+    assert len(cpu) == 1, cpu
+    assert '"${VARIANT}" = cpu' in cpu[0]
+    assert (
+        '"torch==${TORCH_VERSION}"' in cpu[0] and '"torchvision==${TORCHVISION_VERSION}"' in cpu[0]
+    )
+    deps = next(i for i, r in enumerate(runs) if re.search(r"pip install .*(-r|--requirement) ", r))
+    assert runs.index(cpu[0]) < deps, "CPU torch first, so that the requirements keep it"
+
+
+def test_smoke_check_tests_what_each_variant_promises():
+    final = _final_stage()
+    smoke = next(r["value"] for r in _of(final, "RUN") if "pml-plugins list" in r["value"])
+    for needle in (
+        "${VARIANT}",
+        "${TORCH_VERSION}",
+        "${TORCHVISION_VERSION}",
+        "torch.version.cuda",
+        "StandardGpuResources",
+        "torchvision.ops.nms",
+    ):
+        assert needle in smoke, f"the build's smoke check does not look at {needle}"
 
 
 def test_mount_points_and_examples():
@@ -498,16 +571,17 @@ def test_apptainer_test_section_fails_on_an_import_error(tmp_path):
 # ---------------------------------------------------------------- one image tag everywhere
 
 
-def test_docs_name_the_image_tag():
+def test_docs_name_the_image_tags():
     assert DOCS.is_file(), f"{DOCS} is missing"
     tags = set(IMAGE_RE.findall(DOCS.read_text()))
-    assert tags == {_image_tag()}, tags
+    assert tags == {_image_tag(), _cpu_image_tag()}, tags
 
 
-def test_readme_names_the_image_tag():
+def test_readme_names_the_image_tags():
     assert README.is_file(), "README.md is missing (the Dockerfile also copies it)"
     tags = set(IMAGE_RE.findall(README.read_text()))
-    assert tags == {_image_tag()}, f"README.md names {tags or 'no image'}, not {_image_tag()}"
+    expected = {_image_tag(), _cpu_image_tag()}
+    assert tags == expected, f"README.md names {tags or 'no image'}, not {expected}"
 
 
 def test_workflow_configs_name_the_image():
@@ -524,18 +598,34 @@ def test_workflow_configs_name_the_image():
 # ---------------------------------------------------------------- the documented command
 
 
-def _documented_docker_run() -> list[str]:
-    runs = [shlex.split(c) for c in _fenced_commands(DOCS) if c.startswith("docker run ")]
-    runs = [r for r in runs if "train" in r]
-    assert runs, "docs/containers.md has no `docker run ... train ...` command line"
+def _documented_docker_run(path: Path, tag: str) -> list[str]:
+    """The first ``docker run ... TAG train ...`` command line of the file."""
+    runs = [shlex.split(c) for c in _fenced_commands(path) if c.startswith("docker run ")]
+    runs = [r for r in runs if "train" in r and tag in r]
+    assert runs, f"{path.name} has no `docker run ... {tag} train ...` command line"
     return runs[0]
 
 
+@pytest.mark.parametrize("path", [DOCS, README], ids=["docs", "readme"])
+def test_documented_docker_run_lines_for_gpu_and_cpu_hosts(path):
+    gpu = _documented_docker_run(path, _image_tag())
+    cpu = _documented_docker_run(path, _cpu_image_tag())
+    assert "--gpus" in " ".join(gpu), "the CUDA image's line asks for the GPUs"
+    assert not any(a.startswith("--gpus") for a in cpu), "--gpus fails without NVIDIA's toolkit"
+
+    def options(argv: list[str], tag: str) -> list[str]:
+        return [a for a in argv[: argv.index(tag)] if not a.startswith("--gpus") and a != "all"]
+
+    # the two lines differ in --gpus and the image only
+    assert options(gpu, _image_tag()) == options(cpu, _cpu_image_tag())
+    assert gpu[gpu.index(_image_tag()) + 1 :] == cpu[cpu.index(_cpu_image_tag()) + 1 :]
+
+
 @pytest.mark.slow
-def test_documented_docker_run_command_works_with_the_local_cli(tmp_path):
-    argv = _documented_docker_run()
-    tag = _image_tag()
-    assert tag in argv, f"the command does not run {tag}"
+@pytest.mark.parametrize("variant", ["cuda", "cpu"])
+def test_documented_docker_run_command_works_with_the_local_cli(tmp_path, variant):
+    tag = _image_tag() if variant == "cuda" else _cpu_image_tag()
+    argv = _documented_docker_run(DOCS, tag)
     at = argv.index(tag)
     options, cli_args = argv[2:at], argv[at + 1 :]
     volumes = []
@@ -571,7 +661,8 @@ def test_documented_docker_run_command_works_with_the_local_cli(tmp_path):
     assert tmp_path / "out" in out.parents, "the run folder should be under /out"
 
     # the image's environment, with HOME moved to a writable folder
-    env = {**os.environ, **_dockerfile().envs, "HOME": str(tmp_path / "home")}
+    build_args = CPU_BUILD_ARGS if variant == "cpu" else None
+    env = {**os.environ, **_dockerfile(build_args).envs, "HOME": str(tmp_path / "home")}
     env["PYTHONPATH"] = str(REPO)
     res = subprocess.run(
         [sys.executable, "-m", "pml_plugins.cli", *mapped]
@@ -587,3 +678,33 @@ def test_documented_docker_run_command_works_with_the_local_cli(tmp_path):
     assert metrics["trained"], metrics
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["container_image"] == tag
+
+
+# ---------------------------------------------------------------- the image built for real
+
+
+def test_smoke_script_is_valid_bash_and_builds_the_cpu_variant_of_this_dockerfile():
+    assert SMOKE.is_file(), f"{SMOKE} is missing"
+    res = subprocess.run(["bash", "-n", str(SMOKE)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    text = SMOKE.read_text()
+    assert "-f containers/Dockerfile" in text and "--build-arg VARIANT=cpu" in text
+    assert "--build-arg BASE_IMAGE=" in text, "the base is substituted, the file is not edited"
+    # it runs the README's CPU line: the arguments after the image name, as the image's user
+    assert 'open("README.md")' in text and 'in_image "${CLI_ARGS[@]}"' in text
+    assert '--user "$USER_SPEC"' in text and '-v "$OUT:/out"' in text
+    assert f"EXPECTED_TAG={_cpu_image_tag()}" in text
+    # the host's settings are found at run time, not written into the script
+    for host_path in ("/opt/", "/etc/xdg/"):
+        assert host_path not in text, f"{host_path} is written into smoke.sh"
+
+
+def test_ci_runs_the_smoke_script():
+    lines = [ln.strip() for ln in CI_RUN.read_text().splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert "bash containers/smoke.sh" in lines, ".ci/run does not run containers/smoke.sh"
+    # after the install, before the README's test command (which stays the last line)
+    at = lines.index("bash containers/smoke.sh")
+    assert any(ln.startswith("pip install -e") for ln in lines[:at])
+    assert lines[-1].endswith("python -m pytest") and at < len(lines) - 1
+    assert "containers/smoke.sh" in README.read_text(), "the README says that CI runs it"

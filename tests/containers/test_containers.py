@@ -10,6 +10,8 @@
   configs, docs/containers.md and the README;
 - the requirements step of the Dockerfile (both variants) and the Apptainer ``%test`` are run
   here, outside a container;
+- the build's smoke check runs here against stand-in torch, torchvision and faiss modules:
+  it passes for what each variant promises and fails when a promise is broken;
 - the documented ``docker run`` command lines (GPU and CPU) are run with the local CLI, the
   container's paths mapped to temporary folders;
 - ``containers/smoke.sh``, which builds and runs the CPU variant for real, is valid bash and
@@ -708,3 +710,59 @@ def test_ci_runs_the_smoke_script():
     assert any(ln.startswith("pip install -e") for ln in lines[:at])
     assert lines[-1].endswith("python -m pytest") and at < len(lines) - 1
     assert "containers/smoke.sh" in README.read_text(), "the README says that CI runs it"
+
+
+def _run_smoke_check(tmp_path: Path, build_args: dict[str, str], torch_cuda, faiss_gpu: bool):
+    """The build's smoke check (its `python -c` part), its ARGs substituted, run against
+    stand-in torch, torchvision and faiss modules."""
+    final = _final_stage()
+    smoke = next(r["value"] for r in _of(final, "RUN") if "pml-plugins list" in r["value"])
+    args = {**_global_args(_dockerfile()), **build_args}
+    for key, value in args.items():
+        smoke = smoke.replace("${" + key + "}", value)
+    assert "${" not in smoke, smoke
+    check = smoke.split(" && pml-plugins list")[0]
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    (stubs / "torch.py").write_text(
+        f"import types\n__version__ = {args['STUB_TORCH']!r}\n"
+        f"version = types.SimpleNamespace(cuda={torch_cuda!r})\n"
+        "def zeros(*a): return 0\ndef ones(*a): return 1\n"
+    )
+    (stubs / "torchvision.py").write_text(
+        f"import types\n__version__ = {args['STUB_TORCHVISION']!r}\n"
+        "ops = types.SimpleNamespace(nms=lambda *a: None)\n"
+    )
+    (stubs / "faiss.py").write_text("StandardGpuResources = object\n" if faiss_gpu else "")
+    env = {**os.environ, "PYTHONPATH": str(stubs)}
+    return subprocess.run(["sh", "-c", check], env=env, capture_output=True, text=True)
+
+
+PY = f"{sys.version_info[0]}.{sys.version_info[1]}"
+CUDA_OK = {"PYTHON_VERSION": PY, "STUB_TORCH": "2.11.0+cu128", "STUB_TORCHVISION": "0.26.0"}
+CPU_OK = {**CUDA_OK, **CPU_BUILD_ARGS, "STUB_TORCH": "2.11.0+cpu", "STUB_TORCHVISION": "0.26.0+cpu"}
+
+
+@pytest.mark.parametrize(
+    "build_args, torch_cuda, faiss_gpu, error",
+    [
+        (CUDA_OK, "12.8", True, None),
+        (CPU_OK, None, False, None),
+        (CUDA_OK, "12.8", False, "faiss is not the GPU build"),
+        (CUDA_OK, "12.6", True, "torch CUDA 12.6"),
+        ({**CUDA_OK, "STUB_TORCH": "2.10.0"}, "12.8", True, "torch 2.10.0 != 2.11.0"),
+        (CPU_OK, "12.8", False, "torch CUDA 12.8"),
+        (CPU_OK, None, True, "faiss is the GPU build"),
+        ({**CPU_OK, "STUB_TORCHVISION": "0.25.0"}, None, False, "torchvision"),
+        ({**CPU_OK, "PYTHON_VERSION": "3.9"}, None, False, f"python {PY} != 3.9"),
+        ({**CPU_OK, "VARIANT": "rocm"}, None, False, "VARIANT is cuda<major.minor> or cpu"),
+    ],
+)
+def test_smoke_check_accepts_each_variant_and_rejects_broken_promises(
+    tmp_path, build_args, torch_cuda, faiss_gpu, error
+):
+    res = _run_smoke_check(tmp_path, build_args, torch_cuda, faiss_gpu)
+    if error is None:
+        assert res.returncode == 0, res.stderr
+    else:
+        assert res.returncode != 0 and error in res.stderr, res.stderr

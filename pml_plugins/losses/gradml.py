@@ -14,6 +14,8 @@ from pytorch_metric_learning.reducers import (
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from .precision import at_least_float32, in_dtype
+
 
 class GradMLLoss(BaseMetricLossFunction):
     r"""GradML loss, generalised from one quadruple to a batch of pairs.
@@ -68,8 +70,8 @@ class GradMLLoss(BaseMetricLossFunction):
     batch generalisation, the mean over pairs, the L2-normalisation of the embeddings (the
     paper does not say; without it the loss is unbounded below for w > 0) and the epsilon in
     the power are project decisions. float16/bfloat16 distances are raised to float32 before
-    the power, and the terms are returned in the input's dtype. The gradient row for GradML in the paper's Table 1
-    does not follow from eq. (11) and is not reproduced; autograd differentiates eq. (11).
+    the power, and the terms are returned in the input's dtype. The gradient row for GradML
+    in the paper's Table 1 does not follow from eq. (11) and is not reproduced; autograd differentiates eq. (11).
 
     Stats: ``mean_pos_dist_k`` and ``mean_neg_dist_k``, the mean :math:`d^k` over positive
     and negative pairs.
@@ -113,18 +115,17 @@ class GradMLLoss(BaseMetricLossFunction):
             with torch.no_grad():
                 self.mean_pos_dist_k = pos_dk.mean().item() if len(pos_dk) > 0 else 0.0
                 self.mean_neg_dist_k = neg_dk.mean().item() if len(neg_dk) > 0 else 0.0
-        dtype = embeddings.dtype  # float16 in, float16 out, as PML's losses
-        pos_loss = (2 * pos_dk).to(dtype) if len(pos_dk) > 0 else 0
-        neg_loss = (-4 * self.w * neg_dk).to(dtype) if len(neg_dk) > 0 else 0
-        return {
+        pos_loss = 2 * pos_dk if len(pos_dk) > 0 else 0
+        neg_loss = -4 * self.w * neg_dk if len(neg_dk) > 0 else 0
+        loss_dict = {
             "pos_loss": {"losses": pos_loss, "indices": (a1, p), "reduction_type": "pos_pair"},
             "neg_loss": {"losses": neg_loss, "indices": (a2, n), "reduction_type": "neg_pair"},
         }
+        return in_dtype(loss_dict, embeddings.dtype)
 
     def dist_pow_k(self, dist: torch.Tensor) -> torch.Tensor:
         """d**k from distances d as given by ``self.distance`` (in float32 at least)."""
-        if dist.dtype in (torch.float16, torch.bfloat16):
-            dist = dist.float()
+        dist = at_least_float32(dist)
         power = self.distance.power
         sq = dist if power == 2 else dist.pow(2.0 / power)
         if self.k == 2:

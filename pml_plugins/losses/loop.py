@@ -10,6 +10,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import Tensor
 
 from ..geometry import DEGENERATE_ANGLE, GramSolution, closest_points_from_gram, safe_sqrt
+from .precision import at_least_float32, in_dtype
 
 __all__ = ["LoOpLoss", "form_positive_pairs"]
 
@@ -231,14 +232,9 @@ class LoOpLoss(BaseMetricLossFunction):
             )
         c_f.labels_required(labels)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            emb = embeddings
-            if emb.dtype in (torch.float16, torch.bfloat16):
-                emb = emb.float()
-            out = self._loss(self.distance.maybe_normalize(emb), labels, indices_tuple)
-        for term in out.values():  # float16 in, float16 out, as PML's losses
-            if torch.is_tensor(term["losses"]):
-                term["losses"] = term["losses"].to(embeddings.dtype)
-        return out
+            emb = self.distance.maybe_normalize(at_least_float32(embeddings))
+            out = self._loss(emb, labels, indices_tuple)
+        return in_dtype(out, embeddings.dtype)
 
     def _loss(self, emb: Tensor, labels: Tensor, indices_tuple: tuple | None) -> dict:
         n = emb.shape[0]

@@ -9,6 +9,8 @@ from pytorch_metric_learning.reducers import MeanReducer
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from .precision import at_least_float32, in_dtype
+
 
 def transfer(r: torch.Tensor, alpha: float) -> torch.Tensor:
     r"""The NRA transfer function :math:`w(r; \alpha)` (paper eq. 10), for ranks in [0, 1].
@@ -85,11 +87,12 @@ class NRALoss(BaseMetricLossFunction):
 
     Paper vs project: the ranks, the transfer function, eq. (13), alpha = 4, eps = 1e-4,
     all samples as anchors and unnormalised distances are the paper's. Project decisions:
-    ranks of 0 where all candidates are equally far; an anchor without a positive skips the positive term, one
-    without a negative skips the negative term, and a batch where no anchor has either gives
-    zero; ``detach_normalizers`` (off by default, literal formula); restriction to mined
-    pairs; :math:`1 - s^- = w(r^-)` computed directly; the arithmetic is done in float32 at
-    least, and the per-anchor losses are returned in the input's dtype.
+    ranks of 0 where all candidates are equally far; an anchor without a positive skips the
+    positive term, one without a negative skips the negative term, and a batch where no
+    anchor has either gives zero; ``detach_normalizers`` (off by default, literal formula);
+    restriction to mined pairs; :math:`1 - s^- = w(r^-)` computed directly; the arithmetic
+    is done in float32 at least, and the per-anchor losses are returned in the input's
+    dtype.
 
     Stats: ``mean_pos_rank`` (mean r+), ``mean_neg_rank`` (mean r-) and ``frac_saturated``,
     the fraction of anchors with r- = 0 or with their farthest candidate a positive (r+ at
@@ -125,9 +128,7 @@ class NRALoss(BaseMetricLossFunction):
         if len(anchors) == 0:
             return self.zero_losses()
 
-        dist = self.distance(embeddings, ref_emb)
-        if dist.dtype in (torch.float16, torch.bfloat16):
-            dist = dist.float()
+        dist = at_least_float32(self.distance(embeddings, ref_emb))
         if self.distance.is_inverted:
             dist = -dist
         pos_mask, neg_mask, dist = pos_mask[anchors], neg_mask[anchors], dist[anchors]
@@ -154,8 +155,8 @@ class NRALoss(BaseMetricLossFunction):
                 saturated = (has_neg & (neg_min == d_min)) | (has_pos & (pos_max == d_max))
                 self.frac_saturated = saturated.float().mean().item()
 
-        losses = losses.to(embeddings.dtype)  # float16 in, float16 out, as PML's losses
-        return {"loss": {"losses": losses, "indices": anchors, "reduction_type": "element"}}
+        loss_dict = {"loss": {"losses": losses, "indices": anchors, "reduction_type": "element"}}
+        return in_dtype(loss_dict, embeddings.dtype)
 
     @staticmethod
     def pair_masks(

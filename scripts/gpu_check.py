@@ -29,7 +29,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,6 @@ METHODS = (
 class Check:
     name: str
     command: list[str]
-    env: dict[str, str] = field(default_factory=dict)
     status: str = "not run"
     seconds: float = 0.0
     map_at_r: float | None = None
@@ -60,11 +59,13 @@ class Check:
 
 
 def train_command(example: str, out: Path, sets: tuple[str, ...], launcher=()) -> list[str]:
-    args = [*launcher, "-m", "pml_plugins.cli", "train", str(EXAMPLES / example), "--out"]
-    args.append(str(out))
+    """``python [-m LAUNCHER ...] -m pml_plugins.cli train EXAMPLE --out OUT --set ...``."""
+    prefix = [sys.executable, "-m", *launcher] if launcher else [sys.executable]
+    command = [*prefix, "-m", "pml_plugins.cli", "train", str(EXAMPLES / example)]
+    command += ["--out", str(out)]
     for value in sets:
-        args += ["--set", value]
-    return [sys.executable, *args] if not launcher else [sys.executable, "-m", *args]
+        command += ["--set", value]
+    return command
 
 
 def plan(device: str, out: Path, gpus: int) -> list[Check]:
@@ -98,7 +99,7 @@ def run_check(check: Check, device: str) -> None:
         check.status = "not applicable"
         check.detail = "fp16 autocast needs CUDA (the config refuses it on the CPU)"
         return
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", **check.env}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
     start = time.time()
     proc = subprocess.run(check.command, env=env, capture_output=True, text=True, timeout=600)
     check.seconds = time.time() - start

@@ -5,6 +5,9 @@ pml-plugins evaluate RUN_DIR
 pml-plugins list [--kind KIND] [--plugins]
 pml-plugins validate CONFIG [...]
 pml-plugins aggregate RUNS_DIR --out RESULTS_DIR
+pml-plugins search SPEC [--trials N]
+pml-plugins search-report SPEC --out DIR
+pml-plugins ensemble BEST_JSON --out RUN_DIR
 
 Bad input (a config, a ``--set``, a run folder, a full disk) ends in one line on stderr,
 ``pml-plugins: error: <what is wrong and how to fix it>``, and exit status 2, before
@@ -170,7 +173,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper-numbers", help="CSV of the papers' numbers to set beside ours")
     p.add_argument("--no-tables", action="store_true", help="only the tidy CSV")
     p.set_defaults(func=cmd_aggregate)
+
+    p = sub.add_parser(
+        "search", help="work on a hyperparameter search (an Optuna study) until its budget is met"
+    )
+    p.add_argument("spec", help="search spec YAML (docs/protocol.md)")
+    p.add_argument("--trials", type=int, help="stop after this many trials of this worker")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("search-report", help="best parameters, history and plots of a search")
+    p.add_argument("spec")
+    p.add_argument("--out", required=True, help="folder for best.json, trials.csv and plots")
+    p.set_defaults(func=cmd_search_report)
+
+    p = sub.add_parser("ensemble", help="evaluate the best trial's fold models on the test split")
+    p.add_argument("best", help="best.json of search-report")
+    p.add_argument("--out", required=True, help="run folder")
+    p.set_defaults(func=cmd_ensemble)
     return parser
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .experiment.search import spec, worker
+
+    search = spec.load(args.spec)
+    n = worker.work(search, max_trials=args.trials)
+    print(f"{search.study}: {n} trials run by this worker; the study is in {search.output}")
+    return 0
+
+
+def cmd_search_report(args: argparse.Namespace) -> int:
+    from .experiment.search import report, spec
+
+    best = report.write_report(spec.load(args.spec), args.out)
+    print(
+        f"{best['study']}: best trial {best['trial']}, mean validation {best['metric']} "
+        f"{best['value']:.4f}, parameters {best['params']}"
+    )
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from .experiment import run as run_mod
+    from .experiment.search import ensemble
+
+    metrics = ensemble.evaluate(args.best, args.out)
+    print(run_mod.format_metrics({"untrained": {}, **metrics}))
+    return 0
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -184,6 +233,12 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         FileNotFoundError,
         registry.UnknownComponentError,
     ]
+    search = sys.modules.get(f"{__package__}.experiment.search.spec")
+    if search is not None:
+        types.append(search.SearchSpecError)
+    folds = sys.modules.get(f"{__package__}.experiment.folds")
+    if folds is not None:
+        types.append(folds.TestSplitAccessError)
     # a RunError can only come from the runner, so it is looked up only once that is loaded
     run_mod = sys.modules.get(f"{__package__}.experiment.run")
     if run_mod is not None:

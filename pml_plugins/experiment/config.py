@@ -116,6 +116,7 @@ def validate(raw: Mapping[str, Any], check_data: bool = True) -> dict[str, Any]:
     if errors:
         raise ConfigError(f"invalid config: {_schema_error_message(errors[0])}")
     config = _fill_defaults(schema, copy.deepcopy(dict(raw)))
+    _check_cross_validation(config["dataset"])
     _check_components(config)
     _check_buildable(config)
     if check_data:
@@ -126,6 +127,22 @@ def validate(raw: Mapping[str, Any], check_data: bool = True) -> dict[str, Any]:
         except FileNotFoundError as exc:
             raise ConfigError(f"dataset.root: {exc}") from None
     return config
+
+
+def _check_cross_validation(dataset: Mapping[str, Any]) -> None:
+    cv = dataset.get("cross_validation")
+    if not cv:
+        return
+    if cv["fold"] >= cv["folds"]:
+        raise ConfigError(
+            f"dataset.cross_validation.fold: {cv['fold']} is not a fold of {cv['folds']}; "
+            f"use 0 to {cv['folds'] - 1}"
+        )
+    if dataset.get("val_classes"):
+        raise ConfigError(
+            "dataset.val_classes: a cross-validation fold is its own validation split; "
+            "remove val_classes or cross_validation"
+        )
 
 
 def _lookup(config: Mapping[str, Any], dotted: str) -> Any:

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from . import folds
+
 EMBEDDED = ("mnist_subset", "digits")
 IMAGE_DATASETS = ("cub200", "cars196", "sop", "inshop")
 
@@ -110,10 +112,19 @@ def _embedded_splits(cfg: Mapping[str, Any]) -> dict[str, Dataset]:
     images, labels = _mnist_subset() if cfg["name"] == "mnist_subset" else _sklearn_digits()
     train, val, test = split_classes(labels, cfg.get("val_classes", 0.0))
     limit = cfg.get("limit_per_class")
+    cv = cfg.get("cross_validation")
+    if cv:  # a fold of a search: the test classes' rows are dropped here, unread
+        train, val = folds.fold_classes(train, cv["folds"], cv["fold"], cv.get("seed", 0))
+    # labels 0..C-1 in the order train, val, test (proxy losses index proxies by label):
+    # the identity for the fixed splits, a renumbering for a fold
+    lut = np.full(int(labels.max()) + 1, -1, dtype=np.int64)
+    lut[np.concatenate([train, val, test])] = np.arange(len(train) + len(val) + len(test))
+    labels, train, val, test = lut[labels], lut[train], lut[val], lut[test]
     splits = {"train": _subset(images, labels, train, limit)}
     if len(val):
         splits["val"] = _subset(images, labels, val, limit)
-    splits["test"] = _subset(images, labels, test, limit)
+    if not cv:
+        splits["test"] = _subset(images, labels, test, limit)
     return splits
 
 
@@ -128,7 +139,10 @@ def check_root(cfg: Mapping[str, Any]) -> None:
 
 
 def load_splits(cfg: Mapping[str, Any], train_transform=None, eval_transform=None) -> dict:
-    """``{"train": Dataset, "test": Dataset, ...}`` for the config's ``dataset`` block."""
+    """``{"train": Dataset, "test": Dataset, ...}`` for the config's ``dataset`` block;
+    ``{"train", "val"}`` for a fold of a search (``cross_validation``, :mod:`.folds`).
+    Within a search any other request raises :class:`.folds.TestSplitAccessError`."""
+    folds.check_access(cfg)
     name = cfg["name"]
     if name in EMBEDDED:
         return _embedded_splits(cfg)
@@ -141,7 +155,7 @@ def eval_plan(name: str, splits: Mapping[str, Dataset]) -> list[tuple[str, list[
     """Which split is queried against which reference splits."""
     if name == "inshop":
         return [("query", ["gallery"])]
-    plan = [("test", ["test"])]
+    plan = [("test", ["test"])] if "test" in splits else []
     if "val" in splits:
         plan.insert(0, ("val", ["val"]))
     return plan

@@ -106,7 +106,20 @@ def expand(grid: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
                     path = cell_path(dataset, label, dim, seed)
                     cfg["output"] = f"{runs_dir}/{path}"
                     cells[path] = cfg
+    if grid.get("search"):
+        from .search import plan
+
+        cells.update(plan.expand(grid, cells)[0])
     return cells
+
+
+def studies(grid: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{study path: search spec}`` of a grid's ``search`` block (empty without one)."""
+    if not grid.get("search"):
+        return {}
+    from .search import plan
+
+    return plan.expand(grid, expand({**grid, "search": None}))[1]
 
 
 # ---------------------------------------------------------------- validation
@@ -206,7 +219,16 @@ def validate_grid(
         for dataset, block in grid["datasets"].items():
             block = {k: v for k, v in (block or {}).items() if k != "overrides"}
             _check_data_root(dataset, block)
-    cells = expand(grid)
+    from .search.space import SearchSpaceError
+    from .search.spec import SearchSpecError
+    from .search.spec import validate as validate_search
+
+    try:
+        cells = expand(grid)
+        for study, spec in studies(grid).items():
+            validate_search(spec, where=f"search (study {study})")
+    except (SearchSpaceError, SearchSpecError) as exc:
+        raise GridError(f"grid config: {exc}") from None
     labels_cache: dict = {}
     checked: set[tuple[str, str]] = set()
     for path, cfg in cells.items():
@@ -285,15 +307,23 @@ def write_cell(cell: Mapping[str, Any], path: str | Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pml_plugins.experiment.grid CELL.yaml CELL_JSON``: the workflow's first
-    step of a training job, :func:`write_cell` of a cell given as JSON."""
+    """``python -m pml_plugins.experiment.grid CELL.yaml CELL_JSON [BEST_JSON]``: the
+    workflow's first step of a training job, :func:`write_cell` of a cell given as JSON
+    (a tuned cell: with the best parameters of its study's ``best.json``)."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m pml_plugins.experiment.grid CELL.yaml CELL_JSON", file=sys.stderr)
+    if len(args) not in (2, 3):
+        print(
+            "usage: python -m pml_plugins.experiment.grid CELL.yaml CELL_JSON [BEST_JSON]",
+            file=sys.stderr,
+        )
         return 2
     cell = json.loads(args[1])
+    if len(args) == 3 and args[2]:
+        from .search.report import tuned_config
+
+        cell = tuned_config(cell, args[2])
     try:
         cleared = write_cell(cell, args[0])
     except run_folder.FolderLockedError as exc:

@@ -60,12 +60,11 @@ def job_count(output: str, rule: str) -> int:
 
 
 def n_cells(grid: dict) -> int:
-    return (
-        len(grid["datasets"])
-        * len(grid["losses"])
-        * len(grid["embedding_sizes"])
-        * len(grid["seeds"])
-    )
+    """Training jobs: every cell, and with a search block every tuned loss's cells again
+    (``<label>+tuned``)."""
+    search = grid.get("search") or {}
+    labels = len(grid["losses"]) + len(search.get("tune") or grid["losses"]) * bool(search)
+    return len(grid["datasets"]) * labels * len(grid["embedding_sizes"]) * len(grid["seeds"])
 
 
 def test_there_is_a_default_grid_and_paper_grids():

@@ -8,12 +8,14 @@ try:
     CELLS = grid_mod.validate_grid(
         config, schema_path=workflow.source_path("../schemas/config.schema.yaml")
     )
+    STUDIES = grid_mod.studies(config)
 except grid_mod.GridError as exc:
     raise WorkflowError(f"invalid grid config: {exc}") from None
 
 RUNS = config["runs_dir"].rstrip("/")
 RESULTS = config["results_dir"].rstrip("/")
 CONTAINER = config["container"]
+SEARCH = config.get("search") or {}
 
 
 wildcard_constraints:
@@ -47,6 +49,22 @@ def launcher(wildcards):
 
 def all_metrics():
     return [f"{RUNS}/{path}/metrics.json" for path in CELLS]
+
+
+def best_json(study):
+    """A study's best.json (``study``: <dataset>/<label>/<dim>)."""
+    dataset, label, dim = study.split("/")
+    return f"{RESULTS}/{dataset}/search/{label}/{dim}/best.json"
+
+
+def tuned_input(wildcards):
+    """A tuned cell's training job needs its study's best parameters."""
+    tuning = cell_of(wildcards).get("tuning")
+    return {"best": best_json(tuning["from"])} if tuning else {}
+
+
+def all_search_reports():
+    return [best_json(study) for study in STUDIES]
 
 
 def paper_numbers():
@@ -83,3 +101,19 @@ def aggregate_outputs():
                 subcategory=dataset,
             )
     return out
+
+
+# ---------------------------------------------------------------- search (rules/search.smk)
+
+
+def study_folder(name):
+    return f"{RUNS}/{{dataset}}/{{loss}}/{{dim}}/search/{name}"
+
+
+def report_file(name):
+    return f"{RESULTS}/{{dataset}}/search/{{loss}}/{{dim}}/{name}"
+
+
+def study_json(wildcards):
+    study = f"{wildcards.dataset}/{wildcards.loss}/{wildcards.dim}"
+    return json.dumps(STUDIES[study], sort_keys=True)

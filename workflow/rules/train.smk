@@ -6,6 +6,8 @@
 
 rule train:
     """Train and evaluate one cell; --resume continues a killed run from its last epoch."""
+    input:
+        unpack(tuned_input),
     output:
         cfg=run_file("cell.yaml"),
         metrics=run_file("metrics.json"),
@@ -18,12 +20,14 @@ rule train:
         cell=cell_json,
         out=lambda wildcards, output: os.path.dirname(output.metrics),
         launcher=launcher,
+        best=lambda wildcards, input: input.get("best", ""),
     threads: config["threads"]
     resources:
         gpu=gpus_of,
     container: CONTAINER
     shell:
-        "python -m pml_plugins.experiment.grid {output.cfg:q} {params.cell:q} >> {log:q} 2>&1 && "
+        "python -m pml_plugins.experiment.grid {output.cfg:q} {params.cell:q} {params.best:q} "
+        ">> {log:q} 2>&1 && "
         "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} "
         "{params.launcher} pml-plugins train {output.cfg:q} --out {params.out:q} --resume "
         ">> {log:q} 2>&1"

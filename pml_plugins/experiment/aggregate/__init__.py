@@ -70,6 +70,7 @@ from .statistics import (
     summarise,
 )
 from .tables import METRIC_NAMES, dataset_table, metric_columns, report_split, short_name
+from .tuning import tuning_notes
 
 __all__ = [
     "ALPHA",
@@ -146,7 +147,9 @@ def aggregate(
         folder = out_dir / dataset
         folder.mkdir(parents=True, exist_ok=True)
         table = folder / "table.md"
-        table.write_text(dataset_table(dataset, summary, rows, paper, classes))
+        notes = tuning_notes(r for r in runs if r.dataset == dataset)
+        text = dataset_table(dataset, summary, rows, paper, classes)
+        table.write_text(text + ("\n".join(notes) + "\n" if notes else ""))
         written.append(table)
         splits = report_split(r["split"] for r in summary if r["dataset"] == dataset)
         split = splits[-1] if "test" not in splits else "test"

@@ -82,7 +82,8 @@ def read_run_metrics(path: Path, runs_dir: Path) -> dict[str, Any]:
 def find_runs(runs_dir: str | Path) -> list[Run]:
     """Every finished run below ``runs_dir`` (one per dataset/loss/size/seed).
 
-    A run folder is any folder holding ``metrics.json`` and ``config.yaml``. Its loss
+    A run folder is any folder holding ``metrics.json`` and ``config.yaml``, except the
+    folds of a hyperparameter search (``dataset.cross_validation``). Its loss
     label is the folder name two levels up when the folder follows the workflow's layout
     ``<dataset>/<label>/<dim>/seed<k>``, else the loss's class name.
     """
@@ -98,6 +99,8 @@ def find_runs(runs_dir: str | Path) -> list[Run]:
             continue
         with open(config_path) as f:
             config = yaml.safe_load(f)
+        if (config.get("dataset") or {}).get("cross_validation"):
+            continue  # a fold of a hyperparameter search: validation only, not a result
         metrics = read_run_metrics(metrics_path, runs_dir)
         loss_class, _ = registry.parse_spec(config["loss"])
         dim = int(config["model"]["embedding_size"])

@@ -11,7 +11,9 @@ class-disjointly as in the papers (docs/datasets.md, "Data sets")::
 
 ``load_splits`` returns ``{"train", ["val"], "test"}`` (In-Shop: ``{"train", ["val"],
 "query", "gallery"}``); ``dataset.val_classes`` moves the last fraction of the training
-classes into a class-disjoint validation split. Every split has a ``labels`` numpy array,
+classes into a class-disjoint validation split; ``dataset.cross_validation`` (a fold of a
+hyperparameter search, :mod:`..folds`) returns ``{"train", "val"}`` only, and no image of
+an evaluation split is opened. Every split has a ``labels`` numpy array,
 remapped to 0..C-1 over all splits (training classes first, so training labels are
 0..C_train-1 as proxy losses need), and ``class_ids`` with the data set's own ids; it
 returns ``(image tensor, label)``.
@@ -34,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from ..folds import check_access, fold_classes
 from . import cars, cub, inshop, sop, transforms
 from .cars import Cars196RGB
 from .common import LOG, DatasetFormatError, RGBImages
@@ -113,6 +116,7 @@ def load_splits(
     resized crop + flip for ``train``, resize + centre crop for every other split.
     Every image of the returned splits is decoded once (see :mod:`.verify`).
     """
+    check_access(dataset_cfg)
     name = dataset_cfg["name"]
     module = _module(name)
     root = dataset_cfg.get("root")
@@ -156,6 +160,10 @@ def load_splits(
         )
 
     val = _val_classes(train_classes, float(dataset_cfg.get("val_classes") or 0.0))
+    cv = dataset_cfg.get("cross_validation")
+    if cv:  # a fold of a search: no evaluation split, none of its images is opened
+        val = fold_classes(train_classes, cv["folds"], cv["fold"], cv.get("seed", 0))[1]
+        eval_names = []
     out: dict[str, RGBImages] = {}
     if len(val):
         train = splits["train"]

@@ -92,6 +92,7 @@ def run(cmd: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
 RUN_HERE = {
     "snakemake --cores all": "test_main_job_plans_the_whole_grid",
     "snakemake -n --configfile": "test_paper_grid_is_planned_without_its_data",
+    "config/tuned.yaml": "test_tuned_grid_is_planned",
     "python -m pytest": "test_ci_runs_the_readme_test_command",
     "from pml_plugins.losses": "test_python_blocks_run",
     "from pml_plugins import registry": "test_python_blocks_run",
@@ -162,6 +163,29 @@ def test_paper_grid_is_planned_without_its_data(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert re.search(rf"^train\s+{cells}\s*$", out, re.MULTILINE), (cells, out[-3000:])
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
+def test_tuned_grid_is_planned(tmp_path):
+    """The fair comparison's command as a dry run in a fresh copy of the workflow: one
+    study per tuned loss (search, report, fold ensemble), the untuned and the tuned cells
+    (the whole protocol runs, tiny, in tests/workflow/test_search_workflow.py)."""
+    (cmd,) = commands(by_content("config/tuned.yaml")["code"])
+    configfile = shlex.split(cmd)[shlex.split(cmd).index("--configfile") + 1]
+    grid = yaml.safe_load((REPO / configfile).read_text())
+    studies = len(grid["search"].get("tune") or grid["losses"])
+    runs = len(grid["embedding_sizes"]) * len(grid["seeds"])
+    proc = run(cmd.replace("snakemake", "snakemake -n", 1), scratch(tmp_path))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    expected = {
+        "train": (len(grid["losses"]) + studies) * runs,
+        "search": studies * grid["search"]["workers"],
+        "search_report": studies,
+        "ensemble": studies,
+        "aggregate": 1,
+    }
+    for rule, n in expected.items():
+        assert re.search(rf"^{rule}\s+{n}\s*$", out, re.MULTILINE), (rule, n, out[-3000:])
 
 
 def test_ci_runs_the_readme_test_command():

@@ -115,5 +115,16 @@ def report_file(name):
 
 
 def study_json(wildcards):
-    study = f"{wildcards.dataset}/{wildcards.loss}/{wildcards.dim}"
-    return json.dumps(STUDIES[study], sort_keys=True)
+    return json.dumps(study_of(wildcards), sort_keys=True)
+
+
+def study_of(wildcards):
+    return STUDIES[f"{wildcards.dataset}/{wildcards.loss}/{wildcards.dim}"]
+
+
+def study_gpus(wildcards):
+    return 1 if grid_mod.uses_gpu(study_of(wildcards)["experiment"]) else 0
+
+
+def study_launcher(wildcards):
+    return "python -m pml_plugins.experiment.gpu_pool" if study_gpus(wildcards) else ""

@@ -28,11 +28,15 @@ rule search:
         touch(study_folder("worker{worker}.done")),
     log:
         study_folder("worker{worker}.log"),
+    params:
+        launcher=study_launcher,
     threads: config["threads"]
+    resources:
+        gpu=study_gpus,
     container: CONTAINER
     shell:
         "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} "
-        "pml-plugins search {input:q} > {log:q} 2>&1"
+        "{params.launcher} pml-plugins search {input:q} > {log:q} 2>&1"
 
 
 rule search_report:

@@ -118,12 +118,18 @@ def write_plots(spec: SearchSpec, study: optuna.Study, out: Path) -> None:
         )
         ax.legend(loc="best", fontsize=8)
         _save(ax, out / "optimization_history.png", (7, 4.2))
-        importance = optuna.importance.FanovaImportanceEvaluator(seed=spec.raw["seed"])
-        ax = ovm.plot_param_importances(study, evaluator=importance)
-        _title(
-            ax, f"{spec.study}: importance of each parameter for the validation {label} (fANOVA)"
-        )
-        ax.get_legend().remove()
+        title = f"{spec.study}: importance of each parameter for the validation {label} (fANOVA)"
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=spec.raw["seed"])
+        try:
+            ax = ovm.plot_param_importances(study, evaluator=evaluator)
+            ax.get_legend().remove()
+        except (RuntimeError, ValueError) as exc:  # e.g. every complete trial scored the same
+            import matplotlib.pyplot as plt
+
+            ax = plt.figure().add_subplot()
+            ax.axis("off")
+            ax.text(0.5, 0.5, f"no importances: {exc}", ha="center", va="center", wrap=True)
+        _title(ax, title)
         _save(ax, out / "param_importances.png", (7, 1.6 + 0.5 * len(spec.space)))
 
 

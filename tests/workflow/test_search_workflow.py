@@ -81,7 +81,7 @@ def test_a_tiny_tuned_grid_runs_search_retrain_and_test(tmp_path):
         # the tuned cell trains the best parameters on all training classes, tested once
         tuned = tmp_path / "runs" / "mnist_subset" / f"{label}+tuned" / "8" / "seed0"
         cfg = yaml.safe_load((tuned / "config.yaml").read_text())
-        (key, value), = best["params"].items()
+        ((key, value),) = best["params"].items()
         assert key.endswith(param)
         assert next(iter(cfg["loss"].values()))[param] == value
         assert cfg["tuning"]["study"] == f"mnist_subset/{label}/8"

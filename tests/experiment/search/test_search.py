@@ -231,3 +231,22 @@ def test_a_report_of_an_unfinished_study_says_so(tmp_path):
     worker.work(s, max_trials=1)
     with pytest.raises(spec.SearchSpecError, match="1 of its 2 trials ended"):
         report.write_report(s, tmp_path / "report")
+
+
+def test_workers_sharing_a_database_meet_the_budget_exactly(tmp_path):
+    """Two worker processes on one study in an RDB storage (SQLite here, PostgreSQL on a
+    cluster): every trial runs once, and together they run exactly the budget."""
+    raw = make_spec(tmp_path / "s", trials=3, storage=f"sqlite:///{tmp_path / 'study.db'}")
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pml_plugins.cli", "search", str(path)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    ran = [int(out.split(": ")[1].split()[0]) for out in outs]
+    assert sum(ran) == 3, outs
+    study = worker.open_study(spec.validate(raw), create=False)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert len({t.user_attrs["folder"] for t in trials}) == 3

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import torch
 from pytorch_metric_learning.distances import BaseDistance, LpDistance
-from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.losses import GenericPairLoss
 from pytorch_metric_learning.reducers import (
     BaseReducer,
     MeanReducer,
     MultipleReducers,
     ThresholdReducer,
 )
-from pytorch_metric_learning.utils import common_functions as c_f
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from .precision import at_least_float32, in_dtype
+from .precision import InInputDtype, at_least_float32
 
 
-class GradMLLoss(BaseMetricLossFunction):
+class GradMLLoss(InInputDtype, GenericPairLoss):
     r"""GradML loss, generalised from one quadruple to a batch of pairs.
 
     Paper: B. Vasudeva, P. Deora, S. Bhattacharya, U. Pal, S. Chanda, "GradML: A
@@ -66,19 +64,25 @@ class GradMLLoss(BaseMetricLossFunction):
     appears). ``ref_emb``/``ref_labels`` are supported: pairs run from ``embeddings`` to the
     reference set.
 
+    Built on PML's ``GenericPairLoss(mat_based_loss=False)``, as PML's ``ContrastiveLoss``:
+    the template supplies the pairs (from ``labels`` or ``indices_tuple``; a quadruple of
+    ``DisjointQuadrupleMiner`` is its six pairs) and their distances, and, as in PML's pair
+    losses, a batch with at most one positive and at most one negative pair gives zero.
+
     Paper vs project: eq. (11), k and w, and the defaults k = 2, w = 1 are the paper's. The
     batch generalisation, the mean over pairs, the L2-normalisation of the embeddings (the
     paper does not say; without it the loss is unbounded below for w > 0) and the epsilon in
     the power are project decisions. float16/bfloat16 distances are raised to float32 before
     the power, and the terms are returned in the input's dtype. The gradient row for GradML
-    in the paper's Table 1 does not follow from eq. (11) and is not reproduced; autograd differentiates eq. (11).
+    in the paper's Table 1 does not follow from eq. (11) and is not reproduced; autograd
+    differentiates eq. (11).
 
     Stats: ``mean_pos_dist_k`` and ``mean_neg_dist_k``, the mean :math:`d^k` over positive
     and negative pairs.
     """
 
     def __init__(self, k: float = 2.0, w: float = 1.0, eps: float = 1e-8, **kwargs) -> None:
-        super().__init__(**kwargs)
+        super().__init__(mat_based_loss=False, **kwargs)
         if k <= 0:
             raise ValueError(f"GradMLLoss needs k > 0, got k={k}")
         if self.distance.is_inverted:
@@ -95,33 +99,37 @@ class GradMLLoss(BaseMetricLossFunction):
             list_of_names=["mean_pos_dist_k", "mean_neg_dist_k"], is_stat=True
         )
 
-    def compute_loss(
+    def compute_loss(self, *args, **kwargs) -> dict:
+        """PML's ``GenericPairLoss.compute_loss``, once the reducer (which may have been
+        replaced since construction) is known to keep the negative terms."""
+        check_keeps_negative_terms(self.reducer)
+        return super().compute_loss(*args, **kwargs)
+
+    def _compute_loss(
         self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor | None,
-        indices_tuple: tuple[torch.Tensor, ...] | None,
-        ref_emb: torch.Tensor,
-        ref_labels: torch.Tensor | None,
+        pos_pair_dist: torch.Tensor | list,
+        neg_pair_dist: torch.Tensor | list,
+        indices_tuple: tuple[torch.Tensor, ...],
     ) -> dict:
-        c_f.labels_or_indices_tuple_required(labels, indices_tuple)
-        check_keeps_negative_terms(self.reducer)  # the reducer may have been replaced
-        a1, p, a2, n = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
-        if len(a1) == 0 and len(a2) == 0:
-            return self.zero_losses()
-        mat = self.distance(embeddings, ref_emb)
-        pos_dk = self.dist_pow_k(mat[a1, p])
-        neg_dk = self.dist_pow_k(mat[a2, n])
+        pos_dk = self.dist_pow_k(pos_pair_dist) if len(pos_pair_dist) > 0 else None
+        neg_dk = self.dist_pow_k(neg_pair_dist) if len(neg_pair_dist) > 0 else None
         if self.collect_stats:
             with torch.no_grad():
-                self.mean_pos_dist_k = pos_dk.mean().item() if len(pos_dk) > 0 else 0.0
-                self.mean_neg_dist_k = neg_dk.mean().item() if len(neg_dk) > 0 else 0.0
-        pos_loss = 2 * pos_dk if len(pos_dk) > 0 else 0
-        neg_loss = -4 * self.w * neg_dk if len(neg_dk) > 0 else 0
-        loss_dict = {
-            "pos_loss": {"losses": pos_loss, "indices": (a1, p), "reduction_type": "pos_pair"},
-            "neg_loss": {"losses": neg_loss, "indices": (a2, n), "reduction_type": "neg_pair"},
+                self.mean_pos_dist_k = 0.0 if pos_dk is None else pos_dk.mean().item()
+                self.mean_neg_dist_k = 0.0 if neg_dk is None else neg_dk.mean().item()
+        a1, p, a2, n = indices_tuple
+        return {
+            "pos_loss": {
+                "losses": 0 if pos_dk is None else 2 * pos_dk,
+                "indices": (a1, p),
+                "reduction_type": "pos_pair",
+            },
+            "neg_loss": {
+                "losses": 0 if neg_dk is None else -4 * self.w * neg_dk,
+                "indices": (a2, n),
+                "reduction_type": "neg_pair",
+            },
         }
-        return in_dtype(loss_dict, embeddings.dtype)
 
     def dist_pow_k(self, dist: torch.Tensor) -> torch.Tensor:
         """d**k from distances d as given by ``self.distance`` (in float32 at least)."""

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import torch
 from pytorch_metric_learning.distances import BaseDistance, LpDistance
-from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.losses import GenericPairLoss
 from pytorch_metric_learning.reducers import MeanReducer
-from pytorch_metric_learning.utils import common_functions as c_f
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from .precision import at_least_float32, in_dtype
+from .precision import InInputDtype, at_least_float32
 
 
 def transfer(r: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -25,8 +23,7 @@ def transfer(r: torch.Tensor, alpha: float) -> torch.Tensor:
     the power is kept above the smallest normal number so that gradients stay finite at 0
     and 1.
     """
-    if alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
+    alpha = checked_alpha(alpha)
     r = torch.where(r < 0, 0, torch.where(r > 1, 1, r))
     low, high = 2 * r, 2 * (1 - r)
     if alpha < 1:
@@ -35,7 +32,7 @@ def transfer(r: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.where(r < 0.5, 0.5 * low.pow(alpha), 1 - 0.5 * high.pow(alpha))
 
 
-class NRALoss(BaseMetricLossFunction):
+class NRALoss(InInputDtype, GenericPairLoss):
     r"""Nonlinear Rank Approximation (NRA) loss.
 
     Paper: K. Schall, K. U. Barthel, N. Hezel, K. Jung, "Deep Metric Learning using
@@ -85,14 +82,19 @@ class NRALoss(BaseMetricLossFunction):
     (their union, as in the paper). ``ref_emb``/``ref_labels``: anchors come from
     ``embeddings``, candidates from the reference set.
 
+    Built on PML's ``GenericPairLoss(mat_based_loss=True)``, which supplies the pairs (from
+    ``labels`` or ``indices_tuple``), their masks and the distance matrix; from it come two
+    rules of PML's pair losses: a batch with at most one positive and at most one negative
+    pair gives zero (as no pair at all), and a pair listed as both positive and negative
+    fails PML's assertion.
+
     Paper vs project: the ranks, the transfer function, eq. (13), alpha = 4, eps = 1e-4,
     all samples as anchors and unnormalised distances are the paper's. Project decisions:
     ranks of 0 where all candidates are equally far; an anchor without a positive skips the
-    positive term, one without a negative skips the negative term, and a batch where no
-    anchor has either gives zero; ``detach_normalizers`` (off by default, literal formula);
-    restriction to mined pairs; :math:`1 - s^- = w(r^-)` computed directly; the arithmetic
-    is done in float32 at least, and the per-anchor losses are returned in the input's
-    dtype.
+    positive term, one without a negative skips the negative term; PML's zero below two
+    pairs; ``detach_normalizers`` (off by default, literal formula); restriction to mined
+    pairs; :math:`1 - s^- = w(r^-)` computed directly; the arithmetic is done in float32 at
+    least, and the per-anchor losses are returned in the input's dtype.
 
     Stats: ``mean_pos_rank`` (mean r+), ``mean_neg_rank`` (mean r-) and ``frac_saturated``,
     the fraction of anchors with r- = 0 or with their farthest candidate a positive (r+ at
@@ -102,10 +104,8 @@ class NRALoss(BaseMetricLossFunction):
     def __init__(
         self, alpha: float = 4.0, eps: float = 1e-4, detach_normalizers: bool = False, **kwargs
     ) -> None:
-        super().__init__(**kwargs)
-        if alpha <= 0:
-            raise ValueError(f"NRALoss needs alpha > 0, got alpha={alpha}")
-        self.alpha = float(alpha)
+        super().__init__(mat_based_loss=True, **kwargs)
+        self.alpha = checked_alpha(alpha)
         self.eps = float(eps)
         self.detach_normalizers = detach_normalizers
         self.add_to_recordable_attributes(list_of_names=["alpha", "eps"], is_stat=False)
@@ -113,24 +113,13 @@ class NRALoss(BaseMetricLossFunction):
             list_of_names=["mean_pos_rank", "mean_neg_rank", "frac_saturated"], is_stat=True
         )
 
-    def compute_loss(
-        self,
-        embeddings: torch.Tensor,
-        labels: torch.Tensor | None,
-        indices_tuple: tuple[torch.Tensor, ...] | None,
-        ref_emb: torch.Tensor,
-        ref_labels: torch.Tensor | None,
+    def _compute_loss(
+        self, mat: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor
     ) -> dict:
-        c_f.labels_or_indices_tuple_required(labels, indices_tuple)
-        pos_mask, neg_mask = self.pair_masks(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        pos_mask, neg_mask = pos_mask.bool(), neg_mask.bool()
         has_pos, has_neg = pos_mask.any(dim=1), neg_mask.any(dim=1)
         anchors = torch.where(has_pos | has_neg)[0]
-        if len(anchors) == 0:
-            return self.zero_losses()
-
-        dist = at_least_float32(self.distance(embeddings, ref_emb))
-        if self.distance.is_inverted:
-            dist = -dist
+        dist = at_least_float32(-mat if self.distance.is_inverted else mat)
         pos_mask, neg_mask, dist = pos_mask[anchors], neg_mask[anchors], dist[anchors]
         has_pos, has_neg = has_pos[anchors], has_neg[anchors]
         cand_mask = pos_mask | neg_mask
@@ -155,37 +144,20 @@ class NRALoss(BaseMetricLossFunction):
                 saturated = (has_neg & (neg_min == d_min)) | (has_pos & (pos_max == d_max))
                 self.frac_saturated = saturated.float().mean().item()
 
-        loss_dict = {"loss": {"losses": losses, "indices": anchors, "reduction_type": "element"}}
-        return in_dtype(loss_dict, embeddings.dtype)
-
-    @staticmethod
-    def pair_masks(
-        embeddings: torch.Tensor,
-        labels: torch.Tensor | None,
-        indices_tuple: tuple[torch.Tensor, ...] | None,
-        ref_emb: torch.Tensor,
-        ref_labels: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Boolean (num anchors, num candidates) masks of positives and negatives."""
-        shape = (len(embeddings), len(ref_emb))
-        if indices_tuple is None:
-            pos_mask, neg_mask = lmu.get_matches_and_diffs(labels, ref_labels)
-            return pos_mask.bool(), neg_mask.bool()
-        a1, p, a2, n = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
-        device = embeddings.device
-        pos_mask = torch.zeros(shape, dtype=torch.bool, device=device)
-        neg_mask = torch.zeros(shape, dtype=torch.bool, device=device)
-        pos_mask[a1, p] = True
-        neg_mask[a2, n] = True
-        if (pos_mask & neg_mask).any():
-            raise ValueError("indices_tuple holds a pair that is both positive and negative")
-        return pos_mask, neg_mask
+        return {"loss": {"losses": losses, "indices": anchors, "reduction_type": "element"}}
 
     def get_default_distance(self) -> BaseDistance:
         return LpDistance(normalize_embeddings=False, p=2, power=1)
 
     def get_default_reducer(self) -> MeanReducer:
         return MeanReducer()
+
+
+def checked_alpha(alpha: float) -> float:
+    """``alpha`` as a float, if it is > 0 (the transfer function's slope at 1/2)."""
+    if alpha <= 0:
+        raise ValueError(f"NRA needs alpha > 0, got alpha={alpha}")
+    return float(alpha)
 
 
 def rank(d: torch.Tensor, d_min: torch.Tensor, d_max: torch.Tensor) -> torch.Tensor:

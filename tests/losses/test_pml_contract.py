@@ -26,6 +26,7 @@ from pytorch_metric_learning.reducers import (
     SumReducer,
     ThresholdReducer,
 )
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from pml_plugins.losses import (
     GradMLLoss,
@@ -105,6 +106,27 @@ def test_empty_tuples_give_zero(name, size):
     assert loss.item() == 0.0
     loss.backward()  # a zero that is still part of the graph, as PML's
     assert e.grad is None or torch.count_nonzero(e.grad) == 0
+
+
+#: losses built on PML's GenericPairLoss, which gives zero below two pairs of each kind
+PAIR_TEMPLATE = [
+    "GradMLLoss",
+    "GradMLLoss-k1",
+    "NRALoss",
+    "SoftContrastiveLoss",
+    "SoftMultiSimilarityLoss",
+]
+
+
+@pytest.mark.parametrize("name", PAIR_TEMPLATE)
+def test_one_pair_of_each_kind_gives_zero_as_pmls_pair_losses(name):
+    emb, labels = batch(9)
+    a1, p, a2, n = (t[:1] for t in lmu.get_all_pairs_indices(labels))
+    one = (a1, p, a2, n)
+    assert ContrastiveLoss()(emb, labels, one).item() == 0.0
+    assert LOSSES[name]()(emb, labels, one).item() == 0.0
+    two = (torch.cat([a1, a1]), torch.cat([p, p]), a2, n)  # the pair twice: no longer zero
+    assert LOSSES[name]()(emb, labels, two).item() != 0.0
 
 
 @pytest.mark.parametrize("name", LOSSES)

@@ -101,6 +101,17 @@ def test_lint_is_clean(snakemake, tmp_path):
     assert proc.returncode == 0, out[-3000:]
 
 
+def test_snakefmt_is_clean():
+    """The workflow is formatted as the Snakemake catalog expects (snakefmt --check)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakefmt", "--check", str(REPO / "workflow")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+
 def write_grid(path: Path, **changes) -> Path:
     grid = {
         "runs_dir": "runs",

@@ -10,6 +10,8 @@ rule aggregate:
         **aggregate_outputs(),
     log:
         f"{RUNS}/aggregate.log",
+    container:
+        CONTAINER
     params:
         # the grid's run folders lie below their common folder (one cell: the folder itself)
         runs=lambda wildcards, input: os.path.commonpath(
@@ -18,7 +20,6 @@ rule aggregate:
         out=lambda wildcards, output: os.path.dirname(output.csv),
         paper_option="--paper-numbers" if config.get("paper_numbers") else "",
         paper=lambda wildcards, input: input.paper[0] if input.paper else "",
-    container: CONTAINER
     shell:
         "pml-plugins aggregate {params.runs:q} --out {params.out:q} "
         "{params.paper_option} {params.paper:q} > {log:q} 2>&1"

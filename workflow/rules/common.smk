@@ -31,7 +31,11 @@ def run_file(name):
 
 
 def cell_of(wildcards):
-    return CELLS[grid_mod.cell_path(wildcards.dataset, wildcards.loss, wildcards.dim, wildcards.seed)]
+    return CELLS[
+        grid_mod.cell_path(
+            wildcards.dataset, wildcards.loss, wildcards.dim, wildcards.seed
+        )
+    ]
 
 
 def cell_json(wildcards):
@@ -74,12 +78,16 @@ def paper_numbers():
 def aggregate_outputs():
     """runs.csv, summary.csv and per data set the table and plots, each marked for the report."""
     out = {
-        "csv": report(f"{RESULTS}/runs.csv", caption="../report/runs.rst", category="Tables"),
+        "csv": report(
+            f"{RESULTS}/runs.csv", caption="../report/runs.rst", category="Tables"
+        ),
         "summary": report(
             f"{RESULTS}/summary.csv", caption="../report/summary.rst", category="Tables"
         ),
         "comparisons": report(
-            f"{RESULTS}/comparisons.csv", caption="../report/comparisons.rst", category="Tables"
+            f"{RESULTS}/comparisons.csv",
+            caption="../report/comparisons.rst",
+            category="Tables",
         ),
     }
     files = {

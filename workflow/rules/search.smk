@@ -12,10 +12,11 @@ rule search_spec:
         study_folder("spec.yaml"),
     log:
         study_folder("spec.log"),
+    localrule: True
+    container:
+        CONTAINER
     params:
         spec=study_json,
-    localrule: True
-    container: CONTAINER
     shell:
         "python -m pml_plugins.experiment.search.plan {output:q} {params.spec:q} > {log:q} 2>&1"
 
@@ -28,12 +29,13 @@ rule search:
         touch(study_folder("worker{worker}.done")),
     log:
         study_folder("worker{worker}.log"),
-    params:
-        launcher=study_launcher,
+    container:
+        CONTAINER
     threads: config["threads"]
     resources:
         gpu=study_gpus,
-    container: CONTAINER
+    params:
+        launcher=study_launcher,
     shell:
         "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} "
         "{params.launcher} pml-plugins search {input:q} > {log:q} 2>&1"
@@ -50,7 +52,11 @@ rule search_report:
         ),
     output:
         best=report_file("best.json"),
-        trials=report(report_file("trials.csv"), caption="../report/search.rst", category="Search"),
+        trials=report(
+            report_file("trials.csv"),
+            caption="../report/search.rst",
+            category="Search",
+        ),
         history=report(
             report_file("optimization_history.png"),
             caption="../report/search.rst",
@@ -63,9 +69,10 @@ rule search_report:
         ),
     log:
         study_folder("report.log"),
+    container:
+        CONTAINER
     params:
         out=lambda wildcards, output: os.path.dirname(output.best),
-    container: CONTAINER
     shell:
         "pml-plugins search-report {input.spec:q} --out {params.out:q} > {log:q} 2>&1"
 
@@ -78,10 +85,11 @@ rule ensemble:
         metrics=f"{RUNS}/{{dataset}}/{{loss}}+ensemble/{{dim}}/seed0/metrics.json",
     log:
         f"{RUNS}/{{dataset}}/{{loss}}+ensemble/{{dim}}/seed0/ensemble.log",
+    container:
+        CONTAINER
+    threads: config["threads"]
     params:
         out=lambda wildcards, output: os.path.dirname(output.metrics),
-    threads: config["threads"]
-    container: CONTAINER
     shell:
         "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} "
         "pml-plugins ensemble {input.best:q} --out {params.out:q} > {log:q} 2>&1"

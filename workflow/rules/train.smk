@@ -16,15 +16,16 @@ rule train:
         run_file("train.log"),
     benchmark:
         run_file("benchmark.tsv")
+    container:
+        CONTAINER
+    threads: config["threads"]
+    resources:
+        gpu=gpus_of,
     params:
         cell=cell_json,
         out=lambda wildcards, output: os.path.dirname(output.metrics),
         launcher=launcher,
         best=lambda wildcards, input: input.get("best", ""),
-    threads: config["threads"]
-    resources:
-        gpu=gpus_of,
-    container: CONTAINER
     shell:
         "python -m pml_plugins.experiment.grid {output.cfg:q} {params.cell:q} {params.best:q} "
         ">> {log:q} 2>&1 && "

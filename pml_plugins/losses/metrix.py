@@ -11,17 +11,17 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
 
 from .metrix_gram import (
-    contrastive_rows_loss_dict,
     gram_distance_supported,
     matmul_fp32,
     mixed_squared_norms,
-    ms_rows_loss_dict,
     proxy_distances,
     record_distance_stats,
     row_distances,
 )
 from .metrix_pairs import POSITIVES, MixedPairs, mixed_labels, mixed_pairs
+from .precision import LOW_PRECISION, compute_dtype
 from .soft_contrastive import SoftContrastiveLoss
+from .soft_labels import reduce_loss_dict
 from .soft_multi_similarity import SoftMultiSimilarityLoss
 from .soft_proxy_anchor import SoftProxyAnchorLoss
 
@@ -336,7 +336,7 @@ class MetrixLoss(BaseLossWrapper, ModuleWithRecords):
         (1-\lambda) x_{second}` mixed at any stage.
         """
         labels = c_f.to_device(labels, embeddings)
-        dtype = torch.promote_types(embeddings.dtype, torch.float32)
+        dtype = compute_dtype(embeddings.dtype)
         y = self.mix_labels(labels, pairs, lam, dtype)
         if self.uses_proxies:
             mixed = self.loss.soft_loss(mixed_emb, y)
@@ -384,8 +384,13 @@ class MetrixLoss(BaseLossWrapper, ModuleWithRecords):
         from the Gram matrix (:func:`~pml_plugins.losses.metrix_gram.row_distances`):
         O(B^2 d + R B), R = B rows with ``positives="first"``, instead of O(B M d) for the
         M mixed points. Proxy-Anchor: the (M, C) distances to the proxies from
-        :math:`E P^\top` (:func:`~pml_plugins.losses.metrix_gram.proxy_distances`). Same loss,
-        reducer input and stats as the generic path up to rounding, except that the
+        :math:`E P^\top` (:func:`~pml_plugins.losses.metrix_gram.proxy_distances`). The loss
+        itself comes from the inner loss's public methods: contrastive's terms are per pair
+        (``pair_loss_dict``, with the generic path's indices), MS's per anchor
+        (``mat_loss_dict`` of each anchor's rows side by side,
+        :meth:`~pml_plugins.losses.metrix_pairs.MixedPairs.by_anchor`), Proxy-Anchor's per
+        proxy (``mat_loss_dict``). Same loss, reducer input and stats as the generic path up
+        to rounding, except that the
         Euclidean distance of a mixed point that is its own anchor (λ = 1) is exactly 0, and
         that Proxy-Anchor's reducer gets the clean embeddings instead of the mixed ones
         (PML's reducers use them for dtype, device and zero losses only).
@@ -394,7 +399,7 @@ class MetrixLoss(BaseLossWrapper, ModuleWithRecords):
         if pairs.num_pairs == 0 or not self.gram_path_applies():
             mixed_emb = self.build_mixed_embeddings(embeddings, pairs, lam)
             return self.compute_mixed_loss(embeddings, labels, mixed_emb, pairs, lam)
-        dtype = torch.promote_types(embeddings.dtype, torch.float32)
+        dtype = compute_dtype(embeddings.dtype)
         loss = self.loss
         loss.reset_stats()
         gram = matmul_fp32(embeddings, embeddings.T)
@@ -404,20 +409,27 @@ class MetrixLoss(BaseLossWrapper, ModuleWithRecords):
             dist = proxy_distances(
                 loss.distance, embeddings, loss.proxies, gram, first, second, lam
             )
-            loss_dict = loss.logits_loss_dict(dist, self.mix_labels(labels, pairs, lam, dtype))
+            loss_dict = loss.mat_loss_dict(dist, self.mix_labels(labels, pairs, lam, dtype))
         else:
             mat = row_distances(loss.distance, gram, pairs, lam)
-            build = ms_rows_loss_dict if isinstance(loss, SoftMultiSimilarityLoss) else None
-            build = build or contrastive_rows_loss_dict
-            loss_dict = build(loss, mat, pairs, lam, dtype)
+            y = torch.tensor(lam, dtype=torch.float64).to(dtype)  # every pair's label
+            if isinstance(loss, SoftContrastiveLoss):  # per pair
+                rows, seconds = pairs.entries
+                loss_dict = loss.pair_loss_dict(
+                    mat[rows, seconds], y.expand(len(rows)), pairs.pair_anchors(), pairs.points[2]
+                )
+            else:  # per anchor: all its pairs in one row
+                y = torch.where(pairs.seen, y, torch.nan)
+                loss_dict = loss.mat_loss_dict(
+                    pairs.by_anchor(mat, 0.0), pairs.by_anchor(y, torch.nan)
+                )
             record_distance_stats(
                 loss.distance,
                 gram.diagonal,
                 lambda: mixed_squared_norms(gram, *pairs.points[:2], lam),
             )
-        loss.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
-        mixed = loss.reducer(loss_dict, embeddings, None)
-        if embeddings.dtype in (torch.float16, torch.bfloat16):
+        mixed = reduce_loss_dict(loss, loss_dict, embeddings)
+        if embeddings.dtype in LOW_PRECISION:
             mixed = mixed.to(embeddings.dtype)  # the generic path's dtype
         self._record_mixed(mixed, pairs)
         return mixed

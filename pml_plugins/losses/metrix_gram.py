@@ -8,7 +8,6 @@ cosine, dot-product and Euclidean distances (any power, normalised or not) follo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -18,9 +17,9 @@ from pytorch_metric_learning.distances import (
     DotProductSimilarity,
     LpDistance,
 )
-from pytorch_metric_learning.utils import common_functions as c_f
 
 from .metrix_pairs import MixedPairs
+from .precision import compute_dtype
 
 #: distances computed from Gram matrices (exact types, p = 2, any power)
 GRAM_DISTANCES = (CosineSimilarity, DotProductSimilarity, LpDistance)
@@ -31,7 +30,7 @@ NORM_EPS = 1e-12
 def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` in float32 or wider, outside autocast: products of raw (unnormalised)
     embeddings overflow float16 from norms of 256 on."""
-    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    dtype = compute_dtype(torch.promote_types(a.dtype, b.dtype))
     with torch.autocast(a.device.type, enabled=False):
         return a.to(dtype) @ b.to(dtype)
 
@@ -138,91 +137,6 @@ def row_distances(
         mix_hat_sq if euclid else None,
         coincide,
     )
-
-
-def grouped_log1p_exp_sum(rows: torch.Tensor, groups: torch.Tensor, n: int) -> torch.Tensor:
-    r""":math:`\log(1 + \sum_{i:\, g_i = k} e^{r_i})` for each group k < n (0 for a group
-    without rows), shifted by :math:`\max(0, \max_i r_i)` per group: with ``rows`` the
-    log-sum-exps of the rows of a matrix, PML's ``logsumexp(..., add_one=True)`` over all
-    entries of the rows of each group."""
-    with torch.no_grad():
-        shift = torch.zeros(n, dtype=rows.dtype, device=rows.device).scatter_reduce(
-            0, groups, rows, "amax", include_self=True
-        )
-    total = torch.zeros_like(shift).index_add(0, groups, torch.exp(rows - shift[groups]))
-    return shift + torch.log(torch.exp(-shift) + total)
-
-
-def label_weights(lam: float, dtype: torch.dtype) -> tuple[float, float]:
-    """The positive and negative weights y = λ and 1 - y, rounded as a soft-label tensor of
-    ``dtype`` would round them."""
-    y = torch.tensor(lam, dtype=torch.float64).to(dtype)
-    return y.item(), (1 - y).item()
-
-
-def ms_rows_loss_dict(
-    loss: torch.nn.Module,
-    mat: torch.Tensor,
-    pairs: MixedPairs,
-    lam: float,
-    dtype: torch.dtype,
-) -> dict:
-    r"""``SoftMultiSimilarityLoss``'s loss dict (one value per batch anchor) of the pairs
-    ``pairs``, all labelled λ, from their row distances ``mat`` (:func:`row_distances`):
-
-    .. math::
-        \ell(a) = \tfrac{1}{\alpha}\log\big(1 + \textstyle\sum \lambda e^{-\alpha(s - m)}\big)
-        + \tfrac{1}{\beta}\log\big(1 + \textstyle\sum (1-\lambda) e^{\beta(s - m)}\big)
-    """
-    n = pairs.batch_size
-    sign = -1.0 if loss.distance.is_inverted else 1.0  # margin(mat, base) = sign (mat - base)
-    mask = torch.zeros_like(mat).masked_fill_(~pairs.seen, c_f.neg_inf(mat.dtype))
-    terms = []
-    coefs = (sign * loss.alpha, -sign * loss.beta)
-    for weight, coef in zip(label_weights(lam, dtype), coefs, strict=True):
-        if weight <= 0:  # no term: 0, as weighted_logsumexp
-            terms.append(mat.new_zeros(n))
-            continue
-        rows = torch.logsumexp(torch.add(mask, mat, alpha=coef), dim=1)
-        rows = rows + (math.log(weight) - coef * loss.base)
-        terms.append(grouped_log1p_exp_sum(rows, pairs.anchors, n))
-    losses = (1.0 / loss.alpha) * terms[0] + (1.0 / loss.beta) * terms[1]
-    return {
-        "loss": {
-            "losses": losses.unsqueeze(1),
-            "indices": torch.arange(n, device=mat.device),
-            "reduction_type": "element",
-        }
-    }
-
-
-def contrastive_rows_loss_dict(
-    loss: torch.nn.Module,
-    mat: torch.Tensor,
-    pairs: MixedPairs,
-    lam: float,
-    dtype: torch.dtype,
-) -> dict:
-    """``SoftContrastiveLoss``'s loss dict of the pairs ``pairs``, all labelled λ, from
-    their row distances ``mat``: indices (anchor, mixed point), every pair in the positive
-    term if λ > 0, in the negative term if λ < 1."""
-    rows, seconds = pairs.entries
-    dists = mat[rows, seconds]
-    pos_w, neg_w = label_weights(lam, dtype)
-    indices = (pairs.pair_anchors(), pairs.points[2])
-    none = (rows[:0], rows[:0])
-    return {
-        "pos_loss": {
-            "losses": pos_w * loss.pos_calc(dists, loss.pos_margin) if pos_w > 0 else 0,
-            "indices": indices if pos_w > 0 else none,
-            "reduction_type": "pos_pair",
-        },
-        "neg_loss": {
-            "losses": neg_w * loss.neg_calc(dists, loss.neg_margin) if neg_w > 0 else 0,
-            "indices": indices if neg_w > 0 else none,
-            "reduction_type": "neg_pair",
-        },
-    }
 
 
 def proxy_distances(

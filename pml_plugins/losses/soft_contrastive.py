@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import torch
 from pytorch_metric_learning.losses import ContrastiveLoss
-from pytorch_metric_learning.utils import common_functions as c_f
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from .soft_labels import check_soft_labels
+from .soft_labels import check_soft_labels, reduce_loss_dict
 
 
 class SoftContrastiveLoss(ContrastiveLoss):
@@ -35,6 +33,10 @@ class SoftContrastiveLoss(ContrastiveLoss):
     - ``loss.soft_loss(anchors, others, y)``: anchors (A, d), candidates (N, d) and a soft
       label matrix ``y`` (A, N) in [0, 1], NaN where (anchor, candidate) is not a pair.
 
+    The loss dict before reduction comes from the embeddings (:meth:`soft_loss_dict`), from
+    their distance matrix (:meth:`mat_loss_dict`) or from the pairs' distances
+    (:meth:`pair_loss_dict`, with the indices the reducer gets).
+
     Args:
         pos_margin: :math:`m^+` (PML's default 0; Metrix uses 0).
         neg_margin: :math:`m^-` (PML's default 1; Metrix uses 0.5, which ``MetrixLoss`` sets).
@@ -53,39 +55,38 @@ class SoftContrastiveLoss(ContrastiveLoss):
     defaults (so that 0/1 labels give PML's loss) are project decisions.
     """
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        c_f.labels_or_indices_tuple_required(labels, indices_tuple)
-        indices_tuple = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
-        if all(len(x) <= 1 for x in indices_tuple):
-            return self.zero_losses()  # as PML's GenericPairLoss
-        a1, p, a2, n = indices_tuple
-        mat = self.distance(embeddings, ref_emb)
-        anchors = torch.cat([a1, a2])
-        others = torch.cat([p, n])
-        y = torch.cat([torch.ones(len(a1)), torch.zeros(len(a2))]).to(mat)
-        return self._pair_loss_dict(mat[anchors, others], y, anchors, others)
-
     def soft_loss(
         self, anchors: torch.Tensor, others: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
         """The reduced loss of every (anchor, candidate) pair whose label ``y`` is not NaN."""
         self.reset_stats()
-        loss_dict = self.soft_loss_dict(anchors, others, y)
-        self.add_embedding_regularization_to_loss_dict(loss_dict, anchors)
-        return self.reducer(loss_dict, anchors, None)
+        return reduce_loss_dict(self, self.soft_loss_dict(anchors, others, y), anchors)
 
     def soft_loss_dict(self, anchors: torch.Tensor, others: torch.Tensor, y: torch.Tensor) -> dict:
         """PML's loss dict of :meth:`soft_loss`, before reduction."""
         check_soft_labels(y, (len(anchors), len(others)), allow_nan=True)
-        a, o = torch.where(~torch.isnan(y))
-        if len(a) == 0:
+        if torch.isnan(y).all():
             return self.zero_losses()
-        mat = self.distance(anchors, others)
-        return self._pair_loss_dict(mat[a, o], y[a, o].to(mat), a, o)
+        return self.mat_loss_dict(self.distance(anchors, others), y)
 
-    def _pair_loss_dict(
-        self, dists: torch.Tensor, y: torch.Tensor, a: torch.Tensor, o: torch.Tensor
+    def mat_loss_dict(self, mat: torch.Tensor, y: torch.Tensor) -> dict:
+        """PML's loss dict from the distances ``mat`` (A, N) of A anchors to N candidates
+        (``self.distance``'s) and their soft labels ``y`` (A, N), NaN where not a pair:
+        :meth:`pair_loss_dict` of the entries (row, column) whose label is not NaN."""
+        a, o = torch.where(~torch.isnan(y))
+        return self.pair_loss_dict(mat[a, o], y[a, o], a, o)
+
+    def pair_loss_dict(
+        self, dists: torch.Tensor, y: torch.Tensor, anchors: torch.Tensor, others: torch.Tensor
     ) -> dict:
+        r"""PML's loss dict of P pairs: their distances ``dists`` (P,), soft labels ``y`` (P,)
+        in [0, 1], and the anchor and candidate indices the reducer gets for them.
+
+        ``pos_loss``: :math:`y\,[d - m^+]_+` for the pairs with ``y > 0``; ``neg_loss``:
+        :math:`(1 - y)\,[m^- - d]_+` for those with ``y < 1`` (``distance.margin`` flips
+        both for a similarity).
+        """
+        y = y.to(dists)
         pos, neg = y > 0, y < 1
         pos_loss, neg_loss = 0, 0
         if torch.any(pos):
@@ -95,12 +96,12 @@ class SoftContrastiveLoss(ContrastiveLoss):
         return {
             "pos_loss": {
                 "losses": pos_loss,
-                "indices": (a[pos], o[pos]),
+                "indices": (anchors[pos], others[pos]),
                 "reduction_type": "pos_pair",
             },
             "neg_loss": {
                 "losses": neg_loss,
-                "indices": (a[neg], o[neg]),
+                "indices": (anchors[neg], others[neg]),
                 "reduction_type": "neg_pair",
             },
         }

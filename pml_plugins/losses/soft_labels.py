@@ -10,6 +10,7 @@ matrix, NaN marks "not a pair".
 from __future__ import annotations
 
 import torch
+from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 
@@ -32,6 +33,15 @@ def pair_label_matrix(
     if len(a2) > 0 and len(a1) > 0 and torch.any(y[a2, n] != 0):
         raise ValueError("each pair must be either positive or negative, not both")
     return y
+
+
+def reduce_loss_dict(
+    loss: BaseMetricLossFunction, loss_dict: dict, embeddings: torch.Tensor
+) -> torch.Tensor:
+    """What PML's ``forward`` does with ``compute_loss``'s dict: ``loss``'s embedding
+    regularizer on ``embeddings`` added, then ``loss``'s reducer (no labels)."""
+    loss.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
+    return loss.reducer(loss_dict, embeddings, None)
 
 
 def check_soft_labels(y: torch.Tensor, shape: tuple[int, int], allow_nan: bool) -> None:

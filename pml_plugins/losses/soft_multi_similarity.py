@@ -7,7 +7,12 @@ from pytorch_metric_learning.losses import MultiSimilarityLoss
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from .soft_labels import check_soft_labels, pair_label_matrix, weighted_logsumexp
+from .soft_labels import (
+    check_soft_labels,
+    pair_label_matrix,
+    reduce_loss_dict,
+    weighted_logsumexp,
+)
 
 
 class SoftMultiSimilarityLoss(MultiSimilarityLoss):
@@ -38,6 +43,9 @@ class SoftMultiSimilarityLoss(MultiSimilarityLoss):
     - ``loss.soft_loss(anchors, others, y)``: anchors (A, d), candidates (N, d) and a soft
       label matrix ``y`` (A, N) in [0, 1], NaN where (anchor, candidate) is not a pair.
 
+    The loss dict before reduction comes from the embeddings (:meth:`soft_loss_dict`) or
+    from their similarity matrix (:meth:`mat_loss_dict`).
+
     Args:
         alpha, beta, base: as PML (defaults 2, 50, 0.5). Metrix uses 17.97, 75.66, 0.77,
             which ``MetrixLoss`` sets.
@@ -59,25 +67,27 @@ class SoftMultiSimilarityLoss(MultiSimilarityLoss):
             return self.zero_losses()  # as PML's GenericPairLoss
         mat = self.distance(embeddings, ref_emb)
         y = pair_label_matrix(indices_tuple, *mat.shape, dtype=mat.dtype, device=mat.device)
-        return self._loss_dict(mat, y)
+        return self.mat_loss_dict(mat, y)
 
     def soft_loss(
         self, anchors: torch.Tensor, others: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
         """The reduced loss over all anchors; pairs whose label ``y`` is NaN are left out."""
         self.reset_stats()
-        loss_dict = self.soft_loss_dict(anchors, others, y)
-        self.add_embedding_regularization_to_loss_dict(loss_dict, anchors)
-        return self.reducer(loss_dict, anchors, None)
+        return reduce_loss_dict(self, self.soft_loss_dict(anchors, others, y), anchors)
 
     def soft_loss_dict(self, anchors: torch.Tensor, others: torch.Tensor, y: torch.Tensor) -> dict:
         """PML's loss dict of :meth:`soft_loss`, before reduction."""
         check_soft_labels(y, (len(anchors), len(others)), allow_nan=True)
         if len(anchors) == 0:
             return self.zero_losses()
-        return self._loss_dict(self.distance(anchors, others), y)
+        return self.mat_loss_dict(self.distance(anchors, others), y)
 
-    def _loss_dict(self, mat: torch.Tensor, y: torch.Tensor) -> dict:
+    def mat_loss_dict(self, mat: torch.Tensor, y: torch.Tensor) -> dict:
+        """PML's loss dict from the similarities (or distances, ``self.distance``'s) ``mat``
+        (A, N) of A anchors to N candidates and their soft labels ``y`` (A, N), NaN where not
+        a pair: the formula above for every row, one value per anchor (0 for a row without
+        pairs), reduction type ``element``."""
         known = ~torch.isnan(y)
         zero = torch.zeros_like(y)
         pos_w = torch.where(known, y, zero)

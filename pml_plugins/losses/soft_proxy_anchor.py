@@ -7,7 +7,7 @@ from pytorch_metric_learning.losses import ProxyAnchorLoss
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from .soft_labels import check_soft_labels, weighted_logsumexp
+from .soft_labels import check_soft_labels, reduce_loss_dict, weighted_logsumexp
 
 
 class SoftProxyAnchorLoss(ProxyAnchorLoss):
@@ -39,6 +39,9 @@ class SoftProxyAnchorLoss(ProxyAnchorLoss):
     - ``loss.soft_loss(embeddings, y)``: embeddings (N, d) and a membership matrix ``y``
       (N, num_classes) in [0, 1].
 
+    The loss dict before reduction comes from the embeddings (:meth:`soft_loss_dict`) or
+    from their similarities to the proxies (:meth:`mat_loss_dict`).
+
     The proxies are a ``torch.nn.Parameter`` of this loss: give the loss its own optimizer
     (PML trainers: ``optimizers["metric_loss_optimizer"]``), as with PML's
     ``ProxyAnchorLoss``. Metrix trains them with 100x the model's learning rate.
@@ -66,33 +69,30 @@ class SoftProxyAnchorLoss(ProxyAnchorLoss):
         self.cast_types(dtype, device)
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype).unsqueeze(1)
         y = torch.nn.functional.one_hot(labels, self.num_classes).to(dtype)
-        return self._loss_dict(embeddings, y, miner_weights - 1)
+        return self.mat_loss_dict(self.get_logits(embeddings), y, miner_weights - 1)
 
     def soft_loss(self, embeddings: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The reduced loss of ``embeddings`` with soft class memberships ``y``."""
         self.reset_stats()
-        loss_dict = self.soft_loss_dict(embeddings, y)
-        self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
-        return self.reducer(loss_dict, embeddings, None)
+        return reduce_loss_dict(self, self.soft_loss_dict(embeddings, y), embeddings)
 
     def soft_loss_dict(self, embeddings: torch.Tensor, y: torch.Tensor) -> dict:
         """PML's loss dict of :meth:`soft_loss`, before reduction."""
         check_soft_labels(y, (len(embeddings), self.num_classes), allow_nan=False)
         self.cast_types(embeddings.dtype, embeddings.device)
-        return self._loss_dict(embeddings, y, 0)
+        return self.mat_loss_dict(self.get_logits(embeddings), y)
 
-    def _loss_dict(
-        self, embeddings: torch.Tensor, y: torch.Tensor, miner_weights: torch.Tensor | float
+    def mat_loss_dict(
+        self, mat: torch.Tensor, y: torch.Tensor, miner_weights: torch.Tensor | float = 0
     ) -> dict:
-        return self.logits_loss_dict(self.get_logits(embeddings), y, miner_weights)
-
-    def logits_loss_dict(
-        self, cos: torch.Tensor, y: torch.Tensor, miner_weights: torch.Tensor | float = 0
-    ) -> dict:
-        """The loss dict from ``cos`` = ``distance(embeddings, proxies)`` (N, num_classes)."""
-        y = y.to(cos)
-        pos_exp = self.distance.margin(cos, self.margin)
-        neg_exp = self.distance.margin(-self.margin, cos)
+        """PML's loss dict from the similarities (or distances, ``self.distance``'s) ``mat``
+        (N, num_classes) of N samples to the proxies and their memberships ``y``
+        (N, num_classes) in [0, 1]: one value per proxy for each term, with the divisors
+        above, plus the proxies' weight regularization. ``miner_weights`` (N, 1) are added
+        to the exponents (PML's ``indices_tuple`` weighting, 0 = none)."""
+        y = y.to(mat)
+        pos_exp = self.distance.margin(mat, self.margin)
+        neg_exp = self.distance.margin(-self.margin, mat)
         pos_term = weighted_logsumexp(self.alpha * pos_exp + miner_weights, y, dim=0)
         neg_term = weighted_logsumexp(self.alpha * neg_exp + miner_weights, 1 - y, dim=0)
         with_pos = int(torch.sum(torch.any(y > 0, dim=0)))

@@ -20,6 +20,7 @@ from pml_plugins.losses import (
     SoftMultiSimilarityLoss,
     SoftProxyAnchorLoss,
 )
+from pml_plugins.losses.metrix_pairs import MixedPairs
 from tests.loss_contract import random_batch
 
 RTOL, ATOL = 1e-10, 1e-12
@@ -228,3 +229,49 @@ def test_gram_path_half_precision_large_norms(loss_name, dtype):
     torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=1e-3)
     got.backward()
     assert torch.isfinite(low.grad).all()
+
+
+def test_by_anchor_puts_all_pairs_of_an_anchor_in_its_row():
+    """Rows of one anchor side by side, in their order, whatever the order of the anchors;
+    ``fill`` elsewhere (anchor 1 has no row)."""
+    anchors = torch.tensor([2, 0, 2, 3, 2])
+    pairs = MixedPairs(anchors, anchors.clone(), torch.ones(5, 4, dtype=torch.bool))
+    rows = torch.arange(20.0).view(5, 4)
+    out = pairs.by_anchor(rows, -1.0)
+    assert out.shape == (4, 12)
+    fill = [-1.0] * 4
+    assert out[0].tolist() == rows[1].tolist() + fill + fill
+    assert out[1].tolist() == fill * 3
+    assert out[2].tolist() == rows[0].tolist() + rows[2].tolist() + rows[4].tolist()
+    assert out[3].tolist() == rows[3].tolist() + fill + fill
+
+
+def test_metrix_leaves_the_inner_losss_formula_to_it():
+    """MetrixLoss uses no private name of its inner loss and none of its formula's
+    parameters (the loss dicts come from the loss's public methods), and the Gram module
+    computes distances only: it never sees the loss."""
+    import ast
+    import inspect
+
+    from pml_plugins.losses import metrix, metrix_gram
+
+    formula = {"alpha", "beta", "base", "margin", "pos_margin", "neg_margin"}
+    formula |= {"pos_calc", "neg_calc", "get_per_pair_loss"}
+
+    def is_inner_loss(node: ast.expr) -> bool:
+        if isinstance(node, ast.Name):
+            return node.id == "loss"
+        return isinstance(node, ast.Attribute) and node.attr == "loss"
+
+    used = [
+        node.attr
+        for node in ast.walk(ast.parse(inspect.getsource(metrix)))
+        if isinstance(node, ast.Attribute)
+        and is_inner_loss(node.value)
+        and (node.attr.startswith("_") or node.attr in formula)
+    ]
+    assert used == []
+    gram = ast.parse(inspect.getsource(metrix_gram))
+    names = {node.id for node in ast.walk(gram) if isinstance(node, ast.Name)}
+    names |= {node.arg for node in ast.walk(gram) if isinstance(node, ast.arg)}
+    assert "loss" not in names

@@ -13,7 +13,7 @@ import torch
 from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 from pytorch_metric_learning.losses import ContrastiveLoss, MultiSimilarityLoss, ProxyAnchorLoss
 from pytorch_metric_learning.miners import MultiSimilarityMiner, TripletMarginMiner
-from pytorch_metric_learning.reducers import MeanReducer
+from pytorch_metric_learning.reducers import DoNothingReducer, MeanReducer
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from pml_plugins.losses import SoftContrastiveLoss, SoftMultiSimilarityLoss, SoftProxyAnchorLoss
@@ -183,6 +183,58 @@ def test_metrix_style_mixed_memberships_for_proxies():
     loss = SoftProxyAnchorLoss(num_classes=3, embedding_size=4)
     want = naive_pa(emb, loss.proxies.detach().double(), y, 32.0, 0.1)
     assert loss.soft_loss(emb, y).item() == pytest.approx(want, rel=1e-9)
+
+
+# ---------------------------------------------------------------- loss dicts from distances
+def test_mat_loss_dict_of_any_similarity_matrix_multi_similarity():
+    """``mat_loss_dict`` takes any (A, N) matrix: one eq. per anchor, by a loop, 0 for an
+    anchor whose labels are all NaN."""
+    alpha, beta, base = 2.0, 10.0, 0.5
+    g = torch.Generator().manual_seed(5)
+    mat = 2 * torch.rand(5, 7, generator=g, dtype=torch.float64) - 1
+    y = soft_matrix(5, 7, seed=5)
+    y[3] = NAN
+    loss = SoftMultiSimilarityLoss(alpha=alpha, beta=beta, base=base)
+    out = loss.mat_loss_dict(mat, y)["loss"]
+    want = []
+    for i in range(5):
+        pairs = [(mat[i, j].item(), y[i, j].item()) for j in range(7) if not y[i, j].isnan()]
+        pos = sum(t * math.exp(-alpha * (s - base)) for s, t in pairs)
+        neg = sum((1 - t) * math.exp(beta * (s - base)) for s, t in pairs)
+        want.append(math.log1p(pos) / alpha + math.log1p(neg) / beta)
+    assert out["losses"].flatten().tolist() == pytest.approx(want, rel=1e-12)
+    assert out["losses"][3].item() == 0.0
+    assert out["indices"].tolist() == list(range(5))
+    assert out["reduction_type"] == "element"
+
+
+def test_pair_loss_dict_terms_and_indices_contrastive():
+    """Each pair's terms y [d - m+]_+ (y > 0) and (1 - y) [m- - d]_+ (y < 1), under the
+    indices given."""
+    loss = SoftContrastiveLoss(pos_margin=0.1, neg_margin=0.8)
+    dists = torch.tensor([0.05, 0.5, 0.3, 1.2, 0.6], dtype=torch.float64)
+    y = torch.tensor([1.0, 0.0, 0.25, 0.5, 1.0], dtype=torch.float64)
+    anchors, others = torch.tensor([4, 3, 2, 1, 0]), torch.tensor([7, 8, 9, 10, 11])
+    out = loss.pair_loss_dict(dists, y, anchors, others)
+    pos, neg = out["pos_loss"], out["neg_loss"]
+    assert pos["losses"].tolist() == pytest.approx([0.0, 0.25 * 0.2, 0.5 * 1.1, 0.5])
+    assert [t.tolist() for t in pos["indices"]] == [[4, 2, 1, 0], [7, 9, 10, 11]]
+    assert neg["losses"].tolist() == pytest.approx([0.3, 0.75 * 0.5, 0.0])
+    assert [t.tolist() for t in neg["indices"]] == [[3, 2, 1], [8, 9, 10]]
+    assert (pos["reduction_type"], neg["reduction_type"]) == ("pos_pair", "neg_pair")
+
+
+@pytest.mark.parametrize("kind", ["contrastive", "multi_similarity"])
+def test_mat_loss_dict_of_the_distances_is_soft_loss_dict(kind):
+    _, loss = pml_and_soft(kind, reducer=DoNothingReducer())
+    anchors, _ = random_batch(6, 4, seed=7)
+    others, _ = random_batch(9, 4, seed=8)
+    y = soft_matrix(6, 9, seed=7)
+    got = loss.mat_loss_dict(loss.distance(anchors, others), y)
+    want = loss.soft_loss(anchors, others, y)
+    assert got.keys() == want.keys()
+    for name in got:
+        torch.testing.assert_close(got[name]["losses"], want[name]["losses"], rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- 0/1 labels == PML's losses

@@ -7,12 +7,7 @@ from pytorch_metric_learning.losses import MultiSimilarityLoss
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from .soft_labels import (
-    check_soft_labels,
-    pair_label_matrix,
-    reduce_loss_dict,
-    weighted_logsumexp,
-)
+from .soft_labels import check_soft_labels, pair_label_matrix, reduce_loss_dict, weighted_logsumexp
 
 
 class SoftMultiSimilarityLoss(MultiSimilarityLoss):

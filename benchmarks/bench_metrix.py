@@ -28,8 +28,8 @@ import torch
 from pytorch_metric_learning.losses import MultiSimilarityLoss
 from pytorch_metric_learning.miners import MultiSimilarityMiner
 
-from pml_plugins.experiment.backbones import ResNet50
 from pml_plugins.losses import MetrixLoss
+from pml_plugins.models.backbones import ResNet50
 
 MS = {"alpha": 17.97, "beta": 75.66, "base": 0.77}
 

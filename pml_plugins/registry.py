@@ -70,7 +70,7 @@ PLUGIN_MODULES = {
     "miners": "pml_plugins.miners",
     "samplers": "pml_plugins.samplers",
     "trainers": "pml_plugins.trainers",
-    "models": "pml_plugins.experiment.models",
+    "models": "pml_plugins.models",
 }
 
 #: kwargs whose plain-string values are component names, not strings

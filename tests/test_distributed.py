@@ -119,8 +119,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 def _ap_trainer_steps(rank: int) -> dict:
     """Two iterations of the AlternatingProjections trainer made data-parallel by
-    ``distributed.wrap_trainer``: its miner must see the gathered mask, parameters stay
-    equal on both ranks."""
+    ``distributed.with_ddp`` and ``distributed.wrap_trainer``: its miner must see the
+    gathered mask, parameters stay equal on both ranks."""
     from pytorch_metric_learning.losses import MultiSimilarityLoss
 
     from pml_plugins.samplers import RepresentativeSampler
@@ -133,7 +133,15 @@ def _ap_trainer_steps(rank: int) -> dict:
     if rank == 1:  # different initial weights: DDP must broadcast rank 0's
         models["trunk"].weight.data.add_(1.0)
     params = [p for m in models.values() for p in m.parameters()]
-    trainer = AlternatingProjections(
+    ctx = distributed.Context(rank=rank, world_size=WORLD)
+    batches = []
+
+    class Recording(distributed.with_ddp(AlternatingProjections, ctx)):
+        def start_batch(self, indices):
+            batches.append(torch.as_tensor(indices).clone())
+            return super().start_batch(indices)
+
+    trainer = Recording(
         models=models,
         optimizers={"trunk_optimizer": torch.optim.SGD(params, lr=0.1)},
         batch_size=12,
@@ -147,7 +155,6 @@ def _ap_trainer_steps(rank: int) -> dict:
         proximal_weight=0.1,
         dataloader_num_workers=0,
     )
-    ctx = distributed.Context(rank=rank, world_size=WORLD)
     distributed.wrap_trainer(trainer, ctx, seed=0)
     seen = []
     miner = trainer.mining_funcs["tuple_miner"]
@@ -158,15 +165,8 @@ def _ap_trainer_steps(rank: int) -> dict:
         return mine(*args, **kwargs)
 
     miner.forward = recording_forward
-    losses, batches = [], []
+    losses = []
     trainer.end_of_iteration_hook = lambda t: losses.append(t.losses["total_loss"].item())
-    start_batch = trainer.start_batch
-
-    def recording_start_batch(indices):
-        batches.append(torch.as_tensor(indices).clone())
-        return start_batch(indices)
-
-    trainer.start_batch = recording_start_batch
     trainer.iterations_per_epoch = 2
     trainer.train(1, 1)
     return {
@@ -175,6 +175,54 @@ def _ap_trainer_steps(rank: int) -> dict:
         "first_batch": batches[0],
         "params": [p.detach().clone() for m in models.values() for p in m.parameters()],
     }
+
+
+def _tiny_trainer(trainer_class: type, loss: torch.nn.Module, ctx: distributed.Context):
+    labels = torch.arange(4).repeat(2)
+    return distributed.with_ddp(trainer_class, ctx)(
+        models={"trunk": torch.nn.Linear(3, 3)},
+        optimizers={},
+        batch_size=4,
+        loss_funcs={"metric_loss": loss},
+        dataset=torch.utils.data.TensorDataset(torch.randn(len(labels), 3), labels),
+        dataloader_num_workers=0,
+    )
+
+
+def test_with_ddp_composes_a_mixin_and_leaves_a_single_process_alone():
+    from pytorch_metric_learning.trainers import MetricLossOnly
+
+    from pml_plugins.trainers import AlternatingProjections
+
+    ctx = distributed.Context(world_size=WORLD)
+    assert distributed.with_ddp(MetricLossOnly, distributed.Context()) is MetricLossOnly
+    plain = distributed.with_ddp(MetricLossOnly, ctx)
+    assert plain.__mro__[1:3] == (distributed.DistributedMixin, MetricLossOnly)
+    ap = distributed.with_ddp(AlternatingProjections, ctx)  # it declares its masks
+    assert issubclass(ap, distributed.RepresentativeMaskMixin)
+    assert not issubclass(plain, distributed.RepresentativeMaskMixin)
+
+
+@pytest.mark.parametrize("mode", ["feature", "input"])
+def test_metrix_trainer_refuses_feature_and_input_mode(mode):
+    from pml_plugins.trainers import MetrixTrainer
+
+    ctx = distributed.Context(world_size=WORLD)
+    trainer = _tiny_trainer(MetrixTrainer, MetrixLoss(mode=mode), ctx)
+    message = "distributed: MetrixTrainer in feature/input mode is not supported (embed mode is)"
+    with pytest.raises(ValueError) as err:
+        distributed.wrap_trainer(trainer, ctx)
+    assert str(err.value) == message
+
+
+def test_a_trainer_not_built_from_with_ddp_is_refused():
+    from pytorch_metric_learning.trainers import MetricLossOnly
+
+    ctx = distributed.Context(world_size=WORLD)
+    trainer = _tiny_trainer(MetricLossOnly, ContrastiveLoss(), distributed.Context())
+    assert distributed.wrap_trainer(trainer, distributed.Context()) is trainer  # one process
+    with pytest.raises(TypeError, match="with_ddp"):
+        distributed.wrap_trainer(trainer, ctx)
 
 
 @pytest.fixture(scope="module")

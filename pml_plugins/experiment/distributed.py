@@ -8,7 +8,9 @@ What ``distributed: true`` does (``run.train_and_evaluate`` calls these helpers)
   environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``):
   NCCL and ``cuda:LOCAL_RANK`` on GPUs, gloo on the CPU. Started without ``torchrun``
   (no ``WORLD_SIZE``) the run is an ordinary single process.
-- :func:`wrap_trainer` turns a built trainer into a data-parallel one: its models go into
+- :func:`with_ddp` composes :class:`DistributedMixin` (or :class:`RepresentativeMaskMixin`)
+  before the trainer class, overriding ``BaseTrainer`` methods; :func:`wrap_trainer`
+  turns the built trainer into a data-parallel one: its models go into
   ``DistributedDataParallel`` (gradients averaged over ranks), its ``metric_loss`` into
   :class:`DistributedLoss` and its ``tuple_miner`` into :class:`DistributedMiner`,
   subclasses of PML's ``DistributedLossWrapper``/``DistributedMinerWrapper``
@@ -35,10 +37,11 @@ so it draws about one pass over the data in total.
 
 Checkpoints hold the unwrapped state dicts, the same files as a single-process run.
 
-Not supported: PML's ``subset_batch_miner``; ``MetrixTrainer`` in feature and input mode
-(its mixed embeddings are made outside the loss; embed mode works). BatchNorm statistics are
-per rank (rank 0's buffers are broadcast at each forward); use ``SyncBatchNorm`` in the
-trunk if that matters.
+Not supported: PML's ``subset_batch_miner``; a loss mode that the trainer class declares
+unsupported in ``distributed_modes`` (``MetrixTrainer``'s feature and input mode: its mixed
+embeddings are made outside the loss; embed mode works). BatchNorm statistics are per
+rank (rank 0's buffers are broadcast at each forward); use ``SyncBatchNorm`` in the trunk
+if that matters.
 """
 
 from __future__ import annotations
@@ -303,20 +306,71 @@ def _has_trainable(module: torch.nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
 
-def wrap_trainer(trainer, ctx: Context, seed: int = 0, epoch: int = 0):
-    """Make a built PML trainer data-parallel (see the module docstring). Returns it.
+class DistributedMixin:
+    """Overrides of PML's ``BaseTrainer`` for a data-parallel trainer (composed by
+    :func:`with_ddp`, set up by :func:`wrap_trainer`): ``backward`` sums the gradients of
+    the loss's learnable parameters over the ranks (:func:`sync_gradients`)."""
 
-    Call after the trainer is built, mixed precision is enabled and a checkpoint is loaded
-    (the state dicts are then the plain ones); a no-op for a single process.
+    distributed_context = Context()
+    distributed_loss_parameters: tuple[torch.nn.Parameter, ...] = ()
+
+    def backward(self) -> None:
+        super().backward()
+        if self.distributed_loss_parameters:
+            sync_gradients(self.distributed_loss_parameters, self.distributed_context.world_size)
+
+
+class RepresentativeMaskMixin(DistributedMixin):
+    """For a trainer class that sets ``distributed_representative_masks`` (Alternating
+    Projections): after its ``start_batch``, the wrapped miners that take a representative
+    mask get the gathered batch's (:meth:`DistributedMiner.set_representative_mask`)."""
+
+    def start_batch(self, indices: torch.Tensor) -> None:
+        super().start_batch(indices)
+        for miner in self.mining_funcs.values():
+            if isinstance(miner, DistributedMiner) and hasattr(
+                miner.miner, "set_representative_mask"
+            ):
+                miner.set_representative_mask(self.representative_mask)
+
+
+def with_ddp(trainer_class: type, ctx: Context) -> type:
+    """A subclass of ``trainer_class`` with :class:`DistributedMixin` (or
+    :class:`RepresentativeMaskMixin`) first, for :func:`wrap_trainer`; ``trainer_class``
+    itself for a single process."""
+    if ctx.world_size <= 1:
+        return trainer_class
+    masks = getattr(trainer_class, "distributed_representative_masks", False)
+    mixin = RepresentativeMaskMixin if masks else DistributedMixin
+    return type(f"Distributed{trainer_class.__name__}", (mixin, trainer_class), {})
+
+
+def wrap_trainer(trainer, ctx: Context, seed: int = 0, epoch: int = 0):
+    """Make a PML trainer built from :func:`with_ddp`'s class data-parallel (see the module
+    docstring). Returns it.
+
+    Call after the trainer is built and a checkpoint is loaded (the state dicts are then
+    the plain ones); a no-op for a single process. A loss mode that the trainer class
+    declares unsupported in ``distributed_modes`` (``{mode: supported}``) is refused.
     """
     if ctx.world_size <= 1:
         return trainer
+    if not isinstance(trainer, DistributedMixin):
+        raise TypeError(
+            f"distributed: build the trainer from distributed.with_ddp({type(trainer).__name__}, "
+            "ctx), not from the trainer class itself"
+        )
     if "subset_batch_miner" in trainer.mining_funcs:
         raise ValueError("distributed: a subset_batch_miner is not supported")
     loss = trainer.loss_funcs.get("metric_loss")
-    if getattr(loss, "mode", "embed") != "embed" and hasattr(trainer, "compute_mixed_embeddings"):
+    modes = getattr(trainer, "distributed_modes", {})
+    if not modes.get(getattr(loss, "mode", None), True):
+        declared_by = next(c for c in type(trainer).__mro__ if "distributed_modes" in vars(c))
+        refused = "/".join(m for m, ok in modes.items() if not ok)
+        allowed = "/".join(m for m, ok in modes.items() if ok)
         raise ValueError(
-            "distributed: MetrixTrainer in feature/input mode is not supported (embed mode is)"
+            f"distributed: {declared_by.__name__} in {refused} mode is not supported "
+            f"({allowed} mode is)"
         )
     if getattr(trainer.sampler, "seed", None) is not None:
         raise ValueError(
@@ -330,24 +384,15 @@ def wrap_trainer(trainer, ctx: Context, seed: int = 0, epoch: int = 0):
         else m
         for k, m in trainer.models.items()
     }
+    trainer.distributed_context = ctx
     if loss is not None:
         trainer.loss_funcs = {**trainer.loss_funcs, "metric_loss": wrap_loss(loss)}
-        loss_params = [p for p in loss.parameters() if p.requires_grad]
-        if loss_params:
-            backward = trainer.backward
-
-            def backward_and_sync() -> None:
-                backward()
-                sync_gradients(loss_params, ctx.world_size)
-
-            trainer.backward = backward_and_sync
+        trainer.distributed_loss_parameters = tuple(p for p in loss.parameters() if p.requires_grad)
     if "tuple_miner" in trainer.mining_funcs:
         trainer.mining_funcs = {
             **trainer.mining_funcs,
             "tuple_miner": wrap_miner(trainer.mining_funcs["tuple_miner"]),
         }
-    if hasattr(trainer, "start_batch") and hasattr(trainer, "representative_mask"):
-        _gather_representative_masks(trainer)
     if not trainer.iterations_per_epoch:
         sampler = trainer.sampler
         if isinstance(sampler, torch.utils.data.BatchSampler):
@@ -357,18 +402,3 @@ def wrap_trainer(trainer, ctx: Context, seed: int = 0, epoch: int = 0):
         trainer.iterations_per_epoch = max(1, n // (int(trainer.batch_size) * ctx.world_size))
     reseed_for_rank(seed, epoch)
     return trainer
-
-
-def _gather_representative_masks(trainer) -> None:
-    """Alternating Projections: hand wrapped ``RepresentativeMiner``s the gathered mask."""
-    start_batch = trainer.start_batch
-
-    def start_batch_gathered(indices: torch.Tensor) -> None:
-        start_batch(indices)
-        for miner in trainer.mining_funcs.values():
-            if isinstance(miner, DistributedMiner) and hasattr(
-                miner.miner, "set_representative_mask"
-            ):
-                miner.set_representative_mask(trainer.representative_mask)
-
-    trainer.start_batch = start_batch_gathered

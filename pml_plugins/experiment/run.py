@@ -41,12 +41,12 @@ import torch
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from .. import registry
+from ..models.embedder import Embedder
 from . import checkpoint, distributed, files, run_folder
 from . import config as cfg_mod
 from . import data as data_mod
-from .amp import enable_amp
+from .amp import with_amp
 from .evaluate import Calculator
-from .models import Embedder
 
 LOG = logging.getLogger("pml_plugins")
 STATE_PREFIX = checkpoint.STATE_PREFIX
@@ -548,25 +548,29 @@ def _train_and_evaluate(prep: Prepared) -> dict[str, Any]:
         save_checkpoint(trainer, hooks, ckpt_dir, trainer.epoch, sampler)
         return True
 
-    trainer = registry.build(
-        {trainer_name: trainer_kwargs},
-        "trainers",
-        models=models,
-        optimizers=optimizers,
-        batch_size=config["batch_size"],
-        loss_funcs={"metric_loss": loss},
-        mining_funcs={"tuple_miner": miner} if miner is not None else {},
-        dataset=splits["train"],
-        sampler=sampler,
-        iterations_per_epoch=config.get("iterations_per_epoch"),
-        dataloader_num_workers=config["num_workers"],
-        data_device=device,
-        lr_schedulers=schedulers,
-        freeze_trunk_batchnorm=config["model"]["freeze_bn"],
-        end_of_iteration_hook=end_of_iteration,
-        end_of_epoch_hook=end_of_epoch,
+    trainer_class = distributed.with_ddp(
+        with_amp(registry.get(trainer_name, "trainers"), config["amp"]), ctx
     )
-    enable_amp(trainer, device, config["amp"])
+    # as registry.build: the runner's values take precedence over the config's
+    trainer = trainer_class(
+        **trainer_kwargs
+        | dict(
+            models=models,
+            optimizers=optimizers,
+            batch_size=config["batch_size"],
+            loss_funcs={"metric_loss": loss},
+            mining_funcs={"tuple_miner": miner} if miner is not None else {},
+            dataset=splits["train"],
+            sampler=sampler,
+            iterations_per_epoch=config.get("iterations_per_epoch"),
+            dataloader_num_workers=config["num_workers"],
+            data_device=device,
+            lr_schedulers=schedulers,
+            freeze_trunk_batchnorm=config["model"]["freeze_bn"],
+            end_of_iteration_hook=end_of_iteration,
+            end_of_epoch_hook=end_of_epoch,
+        )
+    )
     start_epoch = prep.resume_epoch + 1
     if prep.resume_epoch:
         load_checkpoint(trainer, hooks, ckpt_dir, prep.resume_epoch, device, sampler)

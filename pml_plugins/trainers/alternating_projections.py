@@ -108,6 +108,10 @@ class AlternatingProjections(MetricLossOnly):
         **kwargs: PML ``MetricLossOnly`` keyword arguments.
     """
 
+    #: data-parallel training (``pml_plugins.experiment.distributed``) hands the miners the
+    #: representative mask of the batch gathered from all ranks after :meth:`start_batch`
+    distributed_representative_masks = True
+
     def __init__(
         self,
         *args: Any,

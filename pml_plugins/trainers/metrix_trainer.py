@@ -6,9 +6,9 @@ import torch
 from pytorch_metric_learning.trainers import MetricLossOnly
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from ..experiment.backbones import MapTrunk
 from ..losses.metrix import MetrixLoss
 from ..losses.metrix_pairs import MixedPairs
+from ..models.backbones import MapTrunk
 
 
 class MetrixTrainer(MetricLossOnly):
@@ -23,7 +23,7 @@ class MetrixTrainer(MetricLossOnly):
     per iteration:
 
     - ``"feature"``: the trunk runs once per iteration on the clean batch. Where the trunk
-      is a :class:`~pml_plugins.experiment.backbones.MapTrunk` (``SmallCNN``, ``ResNet50``,
+      is a :class:`~pml_plugins.models.backbones.MapTrunk` (``SmallCNN``, ``ResNet50``,
       ``GoogLeNet``; a ``DistributedDataParallel`` wrapper is looked through), its feature
       maps are mixed before pooling, :math:`\mathrm{pool}(\lambda F(x) + (1-\lambda) F(x'))`,
       as the authors mix ResNet-50's ``layer4`` maps before GAP + GMP; any other trunk's
@@ -47,6 +47,11 @@ class MetrixTrainer(MetricLossOnly):
     trunk that is not a ``MapTrunk`` has its output mixed, which equals mixing the maps
     only where its pooling is linear (average pooling).
     """
+
+    #: the loss modes that train data-parallel (``pml_plugins.experiment.distributed``):
+    #: feature and input mode make their mixed embeddings outside the loss, which is the
+    #: part that sees the batch gathered from all ranks
+    distributed_modes = {"embed": True, "feature": False, "input": False}
 
     def custom_setup(self) -> None:
         loss = self.loss_funcs.get("metric_loss")

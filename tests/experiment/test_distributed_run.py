@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pml_plugins.experiment.models import SmallCNN
+from pml_plugins.models import SmallCNN
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = ROOT / "examples" / "default.yaml"

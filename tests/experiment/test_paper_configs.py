@@ -18,8 +18,8 @@ from torch import nn
 from pml_plugins import registry
 from pml_plugins.experiment import config as cfg_mod
 from pml_plugins.experiment import data, grid, run
-from pml_plugins.experiment.backbones import POOLINGS
 from pml_plugins.experiment.datasets import _val_classes
+from pml_plugins.models.backbones import POOLINGS
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "workflow" / "config"

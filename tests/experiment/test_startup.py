@@ -37,7 +37,7 @@ def test_training_the_small_cnn_never_imports_torchvision(tmp_path):
 
 
 def test_the_backbones_still_build_with_torchvision(tmp_path):
-    from pml_plugins.experiment.backbones import GoogLeNet, ResNet50
+    from pml_plugins.models.backbones import GoogLeNet, ResNet50
 
     assert ResNet50(weights=None).output_size == 2048
     assert GoogLeNet(weights=None).output_size == 1024

@@ -11,14 +11,14 @@ from torch import nn
 from pml_plugins import registry
 from pml_plugins.experiment import config as cfg_mod
 from pml_plugins.experiment import run
-from pml_plugins.experiment.backbones import (
+from pml_plugins.models import SmallCNN
+from pml_plugins.models.backbones import (
     GlobalPool,
     GoogLeNet,
     MapTrunk,
     ResNet50,
     WeightsNotFoundError,
 )
-from pml_plugins.experiment.models import SmallCNN
 from tests.datatrees import make_tree
 
 BN = nn.modules.batchnorm._BatchNorm

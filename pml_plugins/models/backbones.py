@@ -13,7 +13,7 @@ can mix the maps before pooling, as its authors do.
 Both take torchvision's weight names (``weights: IMAGENET1K_V2`` / ``IMAGENET1K_V1``, or
 ``null`` for random initialisation) and ``freeze_bn`` (every BatchNorm layer in eval mode with
 ``requires_grad=False``, kept so across ``train()`` calls: PML trainers call ``.train()`` on
-the trunk each epoch). The embedder (a linear layer to the embedding size) is the runner's.
+the trunk each epoch). The embedder is :class:`~pml_plugins.models.embedder.Embedder`.
 
 Paper vs project: NRA used TF-Slim Inception-v1 weights and LoOp GluonCV's ``googlenet``;
 torchvision's ``IMAGENET1K_V1`` GoogLeNet (ported from the TF weights) stands in for both.

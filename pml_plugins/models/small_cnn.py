@@ -1,19 +1,9 @@
-"""Trunks and the embedder: ``trunk(images) -> (B, F)``, ``embedder(features) -> (B, d)``.
-
-PML trainers take ``models={"trunk": ..., "embedder": ...}``; every trunk here has an
-``output_size`` attribute so the embedder can be sized from it. Trunks are registered
-by name (kind ``models``): ``SmallCNN`` for the embedded data sets on the CPU, and the
-papers' torchvision backbones (``ResNet50``, ``GoogLeNet``) from ``backbones``.
-"""
+"""A small trunk for the embedded data sets on the CPU."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from .backbones import GoogLeNet, ResNet50
-
-__all__ = ["SmallCNN", "ResNet50", "GoogLeNet"]
 
 
 class SmallCNN(nn.Module):
@@ -21,7 +11,7 @@ class SmallCNN(nn.Module):
 
     ``output_size`` = ``width * 4``. BatchNorm can be frozen by PML's
     ``freeze_trunk_batchnorm`` like any torchvision trunk. A
-    :class:`~pml_plugins.experiment.backbones.MapTrunk`: ``feature_maps(x)`` returns the
+    :class:`~pml_plugins.models.backbones.MapTrunk`: ``feature_maps(x)`` returns the
     last block's maps, ``pool(maps)`` their global average.
     """
 
@@ -58,24 +48,3 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor, pooled: bool = True) -> torch.Tensor:
         maps = self.feature_maps(x)
         return self.pool(maps) if pooled else maps
-
-
-class Embedder(nn.Module):
-    """Linear (or two-layer MLP) map from trunk features to the embedding."""
-
-    def __init__(self, in_features: int, embedding_size: int, kind: str = "linear"):
-        super().__init__()
-        if kind == "linear":
-            self.net = nn.Linear(in_features, embedding_size)
-        elif kind == "mlp":
-            self.net = nn.Sequential(
-                nn.Linear(in_features, in_features),
-                nn.ReLU(inplace=True),
-                nn.Linear(in_features, embedding_size),
-            )
-        else:
-            raise ValueError(f"model.embedder: {kind!r} is not 'linear' or 'mlp'")
-        self.output_size = embedding_size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)

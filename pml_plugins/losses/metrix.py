@@ -386,11 +386,9 @@ class MetrixLoss(BaseLossWrapper, ModuleWithRecords):
         M mixed points. Proxy-Anchor: the (M, C) distances to the proxies from
         :math:`E P^\top` (:func:`~pml_plugins.losses.metrix_gram.proxy_distances`). The loss
         itself comes from the inner loss's public methods: contrastive's terms are per pair
-        (``pair_loss_dict``, with the generic path's indices), MS's per anchor
-        (``mat_loss_dict`` of each anchor's rows side by side,
-        :meth:`~pml_plugins.losses.metrix_pairs.MixedPairs.by_anchor`), Proxy-Anchor's per
-        proxy (``mat_loss_dict``). Same loss, reducer input and stats as the generic path up
-        to rounding, except that the
+        (``pair_loss_dict``, with the generic path's indices), MS's per anchor, over its
+        rows (``rows_loss_dict``), Proxy-Anchor's per proxy (``mat_loss_dict``). Same loss,
+        reducer input and stats as the generic path up to rounding, except that the
         Euclidean distance of a mixed point that is its own anchor (λ = 1) is exactly 0, and
         that Proxy-Anchor's reducer gets the clean embeddings instead of the mixed ones
         (PML's reducers use them for dtype, device and zero losses only).
@@ -418,11 +416,8 @@ class MetrixLoss(BaseLossWrapper, ModuleWithRecords):
                 loss_dict = loss.pair_loss_dict(
                     mat[rows, seconds], y.expand(len(rows)), pairs.pair_anchors(), pairs.points[2]
                 )
-            else:  # per anchor: all its pairs in one row
-                y = torch.where(pairs.seen, y, torch.nan)
-                loss_dict = loss.mat_loss_dict(
-                    pairs.by_anchor(mat, 0.0), pairs.by_anchor(y, torch.nan)
-                )
+            else:  # per anchor, over all its rows
+                loss_dict = loss.rows_loss_dict(mat, pairs.seen, y, pairs.anchors, pairs.batch_size)
             record_distance_stats(
                 loss.distance,
                 gram.diagonal,

@@ -61,22 +61,6 @@ class MixedPairs:
         """The anchor of every pair of :attr:`entries`."""
         return self.anchors[self.entries[0]]
 
-    def by_anchor(self, rows: torch.Tensor, fill: float) -> torch.Tensor:
-        """(B, K B): ``rows`` (R, B), one per row of these pairs, laid out by anchor, so that
-        all the pairs of anchor a lie in row a: its k-th row (in order) at columns k B to
-        (k + 1) B, K the most rows of an anchor; ``fill`` elsewhere."""
-        n = self.batch_size
-        counts = torch.bincount(self.anchors, minlength=n)
-        order = torch.argsort(self.anchors, stable=True)
-        slot = torch.empty_like(order)
-        slot[order] = (
-            torch.arange(len(order), device=order.device)
-            - (torch.cumsum(counts, 0) - counts)[self.anchors[order]]
-        )
-        out = rows.new_full((n, int(counts.max()), rows.shape[1]), fill)
-        out[self.anchors, slot] = rows
-        return out.view(n, -1)
-
 
 def candidate_masks(
     labels: torch.Tensor, indices_tuple: tuple | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pytorch_metric_learning.losses import MultiSimilarityLoss
 from pytorch_metric_learning.utils import common_functions as c_f
@@ -38,8 +40,10 @@ class SoftMultiSimilarityLoss(MultiSimilarityLoss):
     - ``loss.soft_loss(anchors, others, y)``: anchors (A, d), candidates (N, d) and a soft
       label matrix ``y`` (A, N) in [0, 1], NaN where (anchor, candidate) is not a pair.
 
-    The loss dict before reduction comes from the embeddings (:meth:`soft_loss_dict`) or
-    from their similarity matrix (:meth:`mat_loss_dict`).
+    The loss dict before reduction comes from the embeddings (:meth:`soft_loss_dict`), from
+    their similarity matrix (:meth:`mat_loss_dict`), or from rows of similarities whose
+    pairs share one label, several rows per anchor (:meth:`rows_loss_dict`, Metrix's
+    mixed pairs).
 
     Args:
         alpha, beta, base: as PML (defaults 2, 50, 0.5). Metrix uses 17.97, 75.66, 0.77,
@@ -89,12 +93,71 @@ class SoftMultiSimilarityLoss(MultiSimilarityLoss):
         neg_w = torch.where(known, 1 - y, zero)
         pos_exp = self.distance.margin(mat, self.base)
         neg_exp = self.distance.margin(self.base, mat)
-        pos_loss = (1.0 / self.alpha) * weighted_logsumexp(self.alpha * pos_exp, pos_w)
-        neg_loss = (1.0 / self.beta) * weighted_logsumexp(self.beta * neg_exp, neg_w)
+        return self._terms_loss_dict(
+            weighted_logsumexp(self.alpha * pos_exp, pos_w),
+            weighted_logsumexp(self.beta * neg_exp, neg_w),
+        )
+
+    def rows_loss_dict(
+        self,
+        mat: torch.Tensor,
+        seen: torch.Tensor,
+        y: float | torch.Tensor,
+        anchors: torch.Tensor,
+        num_anchors: int,
+    ) -> dict:
+        r"""PML's loss dict (as :meth:`mat_loss_dict`'s: one value per anchor, reduction type
+        ``element``) of ``num_anchors`` anchors whose pairs lie in rows sharing one label.
+
+        Row r of ``mat`` (R, N) holds the similarities (or distances, ``self.distance``'s)
+        of the anchor ``anchors[r]`` to N candidates; its pairs are the columns where
+        ``seen[r]`` ((R, N) boolean), and every pair has the soft label ``y`` (a number in
+        [0, 1], rounded to ``mat``'s dtype as a label tensor would be). An anchor may own
+        several rows (its sums run over all of them) or none (loss 0).
+
+        The same loss as :meth:`mat_loss_dict` of each anchor's rows side by side, up to
+        rounding: each term is summed first per row, :math:`\log \sum_x e^{c s_{rx}}` over
+        the row's pairs with :math:`\log w - c m` added after it (:math:`c = \mp\alpha`,
+        :math:`w = y` for the positive term, :math:`c = \pm\beta`, :math:`w = 1 - y` for the
+        negative one; upper signs for a similarity, lower for a distance), then per anchor
+        over its rows (:func:`grouped_log1p_exp_sum`). This order is fixed: float32 results
+        (and the project's reference runs) depend on it. O(R N), with no (A, K N) matrix.
+        """
+        label = torch.as_tensor(y, dtype=torch.float64).to(mat.dtype)
+        if not 0 <= label.item() <= 1:
+            raise ValueError(f"the soft label y must lie in [0, 1], got {label.item()}")
+        sign = -1.0 if self.distance.is_inverted else 1.0  # margin(mat, base) = sign (mat - base)
+        mask = torch.zeros_like(mat).masked_fill_(~seen, c_f.neg_inf(mat.dtype))
+        terms = []
+        weights = (label.item(), (1 - label).item())
+        for weight, coef in zip(weights, (sign * self.alpha, -sign * self.beta), strict=True):
+            if weight <= 0:  # no term: 0, as weighted_logsumexp
+                terms.append(mat.new_zeros(num_anchors, 1))
+                continue
+            rows = torch.logsumexp(torch.add(mask, mat, alpha=coef), dim=1)
+            rows = rows + (math.log(weight) - coef * self.base)
+            terms.append(grouped_log1p_exp_sum(rows, anchors, num_anchors).unsqueeze(1))
+        return self._terms_loss_dict(*terms)
+
+    def _terms_loss_dict(self, pos: torch.Tensor, neg: torch.Tensor) -> dict:
+        """The loss dict of the positive and negative terms' log sums (A, 1)."""
         return {
             "loss": {
-                "losses": pos_loss + neg_loss,
-                "indices": c_f.torch_arange_from_size(mat),
+                "losses": (1.0 / self.alpha) * pos + (1.0 / self.beta) * neg,
+                "indices": c_f.torch_arange_from_size(pos),
                 "reduction_type": "element",
             }
         }
+
+
+def grouped_log1p_exp_sum(rows: torch.Tensor, groups: torch.Tensor, n: int) -> torch.Tensor:
+    r""":math:`\log(1 + \sum_{i:\, g_i = k} e^{r_i})` for each group k < n (0 for a group
+    without rows), shifted by :math:`\max(0, \max_i r_i)` per group: with ``rows`` the
+    log-sum-exps of the rows of a matrix, PML's ``logsumexp(..., add_one=True)`` over all
+    entries of the rows of each group."""
+    with torch.no_grad():
+        shift = torch.zeros(n, dtype=rows.dtype, device=rows.device).scatter_reduce(
+            0, groups, rows, "amax", include_self=True
+        )
+    total = torch.zeros_like(shift).index_add(0, groups, torch.exp(rows - shift[groups]))
+    return shift + torch.log(torch.exp(-shift) + total)

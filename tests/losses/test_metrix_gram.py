@@ -3,6 +3,8 @@ points (loss, gradients, reducer input, stats), and the fallbacks."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from pytorch_metric_learning.distances import (
@@ -20,7 +22,7 @@ from pml_plugins.losses import (
     SoftMultiSimilarityLoss,
     SoftProxyAnchorLoss,
 )
-from pml_plugins.losses.metrix_pairs import MixedPairs
+from pml_plugins.losses.metrix_gram import matmul_fp32, row_distances
 from tests.loss_contract import random_batch
 
 RTOL, ATOL = 1e-10, 1e-12
@@ -231,19 +233,53 @@ def test_gram_path_half_precision_large_norms(loss_name, dtype):
     assert torch.isfinite(low.grad).all()
 
 
-def test_by_anchor_puts_all_pairs_of_an_anchor_in_its_row():
-    """Rows of one anchor side by side, in their order, whatever the order of the anchors;
-    ``fill`` elsewhere (anchor 1 has no row)."""
-    anchors = torch.tensor([2, 0, 2, 3, 2])
-    pairs = MixedPairs(anchors, anchors.clone(), torch.ones(5, 4, dtype=torch.bool))
-    rows = torch.arange(20.0).view(5, 4)
-    out = pairs.by_anchor(rows, -1.0)
-    assert out.shape == (4, 12)
-    fill = [-1.0] * 4
-    assert out[0].tolist() == rows[1].tolist() + fill + fill
-    assert out[1].tolist() == fill * 3
-    assert out[2].tolist() == rows[0].tolist() + rows[2].tolist() + rows[4].tolist()
-    assert out[3].tolist() == rows[3].tolist() + fill + fill
+def ms_rows_reference(inner, mat, seen, lam, anchors, n):
+    """The MS loss dict's losses of the Gram path before c324494 (``metrix_gram``'s
+    ``ms_rows_loss_dict`` and ``grouped_log1p_exp_sum``), op for op: per row a
+    log-sum-exp, the label's log and the base added after it, then per anchor a
+    log1p-sum-exp shifted by the anchor's largest row."""
+    y = torch.tensor(lam, dtype=torch.float64).to(mat.dtype)
+    sign = -1.0 if inner.distance.is_inverted else 1.0
+    mask = torch.zeros_like(mat).masked_fill_(~seen, float("-inf"))
+    terms = []
+    for weight, coef in zip(
+        (y.item(), (1 - y).item()), (sign * inner.alpha, -sign * inner.beta), strict=True
+    ):
+        if weight <= 0:
+            terms.append(mat.new_zeros(n))
+            continue
+        rows = torch.logsumexp(torch.add(mask, mat, alpha=coef), dim=1)
+        rows = rows + (math.log(weight) - coef * inner.base)
+        with torch.no_grad():
+            shift = torch.zeros(n, dtype=rows.dtype).scatter_reduce(
+                0, anchors, rows, "amax", include_self=True
+            )
+        total = torch.zeros_like(shift).index_add(0, anchors, torch.exp(rows - shift[anchors]))
+        terms.append(shift + torch.log(torch.exp(-shift) + total))
+    return ((1.0 / inner.alpha) * terms[0] + (1.0 / inner.beta) * terms[1]).unsqueeze(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dist_name", ["cosine", "euclid_raw^2"])
+@pytest.mark.parametrize("positives", ["first", "all"])
+def test_gram_path_ms_keeps_its_summation_order(dtype, dist_name, positives):
+    """The committed reference runs (float32 training) depend on the order in which the
+    Gram path sums MS's terms, which no tolerance test sees (in float32 another order moves
+    a default-grid MAP@R by 3e-3): loss and gradient are the pre-c324494 order's to the
+    bit."""
+    loss = make("multi_similarity", dist_name, positives=positives).to(dtype)
+    loss.loss.reducer = DoNothingReducer()
+    labels = torch.cat([LABELS, LABELS.flip(0)])  # several rows per anchor with "all"
+    emb, _ = random_batch(len(labels), 6, seed=20, requires_grad=False)
+    emb = emb.to(dtype).requires_grad_(True)
+    pairs = loss.mixing_pairs(labels, emb)
+    for lam in (0.0, 0.37, 1.0):
+        got = loss.compute_embed_mixed_loss(emb, labels, pairs, lam)["loss"]["losses"]
+        mat = row_distances(loss.loss.distance, matmul_fp32(emb, emb.T), pairs, lam)
+        want = ms_rows_reference(loss.loss, mat, pairs.seen, lam, pairs.anchors, len(labels))
+        assert got.dtype == dtype
+        assert torch.equal(got, want)
+        assert torch.equal(*(torch.autograd.grad(x.sum(), emb)[0] for x in (got, want)))
 
 
 def test_metrix_leaves_the_inner_losss_formula_to_it():

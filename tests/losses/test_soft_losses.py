@@ -224,6 +224,43 @@ def test_pair_loss_dict_terms_and_indices_contrastive():
     assert (pos["reduction_type"], neg["reduction_type"]) == ("pos_pair", "neg_pair")
 
 
+@pytest.mark.parametrize("distance", [CosineSimilarity(), LpDistance()], ids=["cos", "euclid"])
+@pytest.mark.parametrize("y", [0.0, 0.3, 1.0])
+def test_rows_loss_dict_is_mat_loss_dict_of_each_anchors_rows_side_by_side(distance, y):
+    """``rows_loss_dict``: an anchor's pairs spread over several rows (in any order), all of
+    label ``y``, give the loss of ``mat_loss_dict`` on the anchor's rows laid side by side;
+    0 for an anchor without a row (1) or whose rows have no pair (3)."""
+    anchors = torch.tensor([2, 0, 2, 3, 2])
+    g = torch.Generator().manual_seed(9)
+    mat = 2 * torch.rand(5, 4, generator=g, dtype=torch.float64) - 1
+    seen = torch.rand(5, 4, generator=g) < 0.7
+    seen[3] = False
+    loss = SoftMultiSimilarityLoss(alpha=2.0, beta=10.0, base=0.5, distance=distance)
+    out = loss.rows_loss_dict(mat, seen, y, anchors, 4)["loss"]
+    side_mat = torch.zeros(4, 12, dtype=torch.float64)
+    side_y = torch.full((4, 12), NAN, dtype=torch.float64)
+    for a in range(4):
+        rows = (anchors == a).nonzero().flatten().tolist()
+        for k, r in enumerate(rows):
+            side_mat[a, 4 * k : 4 * (k + 1)] = mat[r]
+            side_y[a, 4 * k : 4 * (k + 1)][seen[r]] = y
+    want = loss.mat_loss_dict(side_mat, side_y)["loss"]
+    assert out["losses"].shape == want["losses"].shape == (4, 1)
+    torch.testing.assert_close(out["losses"], want["losses"], rtol=1e-12, atol=0)
+    assert out["losses"][1].item() == out["losses"][3].item() == 0.0
+    if y > 0:  # a real positive term: the check above is not vacuous
+        assert torch.all(out["losses"][[0, 2]] > 0)
+    assert out["indices"].tolist() == list(range(4))
+    assert out["reduction_type"] == "element"
+
+
+def test_rows_loss_dict_rejects_a_label_outside_0_1():
+    loss = SoftMultiSimilarityLoss()
+    mat, seen = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="0, 1"):
+        loss.rows_loss_dict(mat, seen, 1.5, torch.tensor([0, 1]), 2)
+
+
 @pytest.mark.parametrize("kind", ["contrastive", "multi_similarity"])
 def test_mat_loss_dict_of_the_distances_is_soft_loss_dict(kind):
     _, loss = pml_and_soft(kind, reducer=DoNothingReducer())

@@ -340,7 +340,8 @@ def parse_spec(spec: Any) -> tuple[str, dict[str, Any]]:
 def is_spec(value: Any) -> bool:
     """True where ``value`` is a ``{"Name": {kwargs}}`` mapping naming a component
     (see :func:`names_component`: a typo in a class-like name is a spec that fails to
-    build, not a plain dict passed on silently)."""
+    build, not a plain dict passed on silently). The one definition: :func:`build`,
+    the config checks and the grid's merge (a spec is replaced whole) all use it."""
     if not (isinstance(value, Mapping) and len(value) == 1):
         return False
     ((name, kwargs),) = value.items()
@@ -351,7 +352,7 @@ def names_component(value: Any) -> bool:
     """A plain string under a nested key names a component when it is registered or
     looks like a class name (so a typo fails loudly); other strings (e.g. MetrixLoss's
     ``loss="contrastive"``) pass through unchanged."""
-    return isinstance(value, str) and (value in _table() or value[:1].isupper())
+    return isinstance(value, str) and (value[:1].isupper() or value in _table())
 
 
 def _resolve(key: str | None, value: Any) -> Any:

@@ -166,6 +166,7 @@ def test_misspelt_nested_dict_spec_fails_to_build():
     with pytest.raises(registry.UnknownComponentError, match="CosineSimilarity"):
         registry.build({"TripletMarginLoss": {"distance": {"CosineSimilarty": {}}}})
     assert not registry.is_spec({"lowercase": {}}) and registry.is_spec({"MeanReducer": None})
+    assert not registry.is_spec({"MeanReducer": 5}) and not registry.is_spec({1: {}})
 
 
 def test_build_accepting_passes_only_the_runtime_kwargs_a_class_takes():

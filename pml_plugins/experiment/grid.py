@@ -36,6 +36,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from .. import registry
 from . import config as cfg_mod
 from . import run_folder
 
@@ -50,16 +51,9 @@ class GridError(ValueError):
 # ---------------------------------------------------------------- expansion
 
 
-def is_component_spec(value: Any) -> bool:
-    """``{Name: {kwargs}}``: a mapping with one key, a class name (capitalised)."""
-    if not isinstance(value, Mapping) or len(value) != 1:
-        return False
-    (key,) = value
-    return isinstance(key, str) and key[:1].isupper()
-
-
 def deep_merge(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Merge mappings left to right (later wins); component specs are replaced whole."""
+    """Merge mappings left to right (later wins); component specs (``registry.is_spec``)
+    are replaced whole."""
     out: dict[str, Any] = {}
     for layer in layers:
         for key, value in (layer or {}).items():
@@ -67,8 +61,8 @@ def deep_merge(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
             if (
                 isinstance(old, Mapping)
                 and isinstance(value, Mapping)
-                and not is_component_spec(old)
-                and not is_component_spec(value)
+                and not registry.is_spec(old)
+                and not registry.is_spec(value)
             ):
                 out[key] = deep_merge(old, value)
             else:

@@ -113,6 +113,9 @@ def test_deep_merge_replaces_specs_and_merges_plain_mappings():
     assert merged == {"optimizers": {"trunk": {"SGD": {"lr": 3}}, "embedder": {"SGD": {"lr": 2}}}}
     assert grid.deep_merge({"a": {"b": 1}}, {"a": 5}) == {"a": 5}
     assert grid.deep_merge({"a": {"b": 1}}, None, {"a": {"c": 2}}) == {"a": {"b": 1, "c": 2}}
+    # a spec is what registry.is_spec says: {Name: null} is one, {Name: 5} is not
+    assert grid.deep_merge({"s": {"A": {"m": 1}}}, {"s": {"B": None}}) == {"s": {"B": None}}
+    assert grid.deep_merge({"s": {"A": 1}}, {"s": {"B": 2}}) == {"s": {"A": 1, "B": 2}}
 
 
 def test_every_cell_of_the_small_grid_validates():

@@ -11,7 +11,7 @@ built once, on the CPU, and dropped; a scheduler also takes one step), and that 
 folder exists. ``check_labels`` (also reachable as ``check_sampler``) checks the batch /
 sampler combination and a loss's ``num_classes`` against the training labels once they
 are loaded. Every error is a ``ConfigError`` naming the key path, the bad value and what
-is allowed.
+is allowed. ``ExperimentConfig.from_dict`` is a typed, read-only view of the validated dict.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jsonschema
 import numpy as np
@@ -108,14 +109,7 @@ def validate(raw: Mapping[str, Any], check_data: bool = True) -> dict[str, Any]:
 
     ``check_data=False`` skips the data-folder check (dry builds of paper configs).
     """
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"an experiment config is a mapping of keys, got {type(raw).__name__}")
-    schema = load_schema()
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(raw), key=lambda e: (len(e.absolute_path), str(e.path)))
-    if errors:
-        raise ConfigError(f"invalid config: {_schema_error_message(errors[0])}")
-    config = _fill_defaults(schema, copy.deepcopy(dict(raw)))
+    config = _fill_defaults(_check_schema(raw), copy.deepcopy(dict(raw)))
     _check_cross_validation(config["dataset"])
     _check_components(config)
     _check_buildable(config)
@@ -127,6 +121,88 @@ def validate(raw: Mapping[str, Any], check_data: bool = True) -> dict[str, Any]:
         except FileNotFoundError as exc:
             raise ConfigError(f"dataset.root: {exc}") from None
     return config
+
+
+def _check_schema(raw: Any) -> dict[str, Any]:
+    """Check ``raw`` against the schema (a ConfigError naming the first bad key); the schema."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"an experiment config is a mapping of keys, got {type(raw).__name__}")
+    schema = load_schema()
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(raw), key=lambda e: (len(e.absolute_path), str(e.path)))
+    if errors:
+        raise ConfigError(f"invalid config: {_schema_error_message(errors[0])}")
+    return schema
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The ``evaluation`` block of a validated config."""
+
+    k_values: tuple[int, ...]
+    clustering: bool | Literal["auto"]  # NMI, AMI and F1; auto: on below 5000 classes
+    batch_size: int
+    interval: int  # evaluate the validation split every N epochs; 0: before and after only
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A typed, read-only view of the dict :func:`validate` returns, for code that reads it.
+
+    The dict stays the data (``config.yaml`` holds it, run folders are compared by it);
+    the view holds copies, so neither changes the other. Components stay specs (``"Name"``
+    or ``{Name: {kwargs}}``), as :func:`.registry.build` takes them. The keys not shown here
+    (the ``dataset`` and ``model`` blocks, optimisers, ...) are read from the dict.
+    """
+
+    dataset_name: str
+    embedding_size: int
+    evaluation: Evaluation
+    loss: Any
+    trainer: Any
+    batch_size: int
+    allow_repeated_samples: bool
+    epochs: int
+    seed: int
+    device: str  # auto, cpu, cuda or cuda:N
+    amp: Literal["off", "bf16", "fp16"]
+    channels_last: bool
+    num_workers: int
+    distributed: bool
+    name: str | None = None
+    miner: Any = None
+    sampler: Any = None
+    iterations_per_epoch: int | None = None
+    output: str | None = None
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> ExperimentConfig:
+        """The view of ``config``, as :func:`validate` returns it (defaults filled in); a
+        ConfigError where it does not pass the schema or lacks a key."""
+        _check_schema(config)
+        nested = ("dataset_name", "embedding_size", "evaluation")
+        try:
+            top = {  # the keys without a default in the schema may be absent
+                f.name: copy.deepcopy(
+                    config[f.name] if f.default is MISSING else config.get(f.name)
+                )
+                for f in fields(cls)
+                if f.name not in nested
+            }
+            ev = config["evaluation"]
+            return cls(
+                dataset_name=config["dataset"]["name"],
+                embedding_size=config["model"]["embedding_size"],
+                evaluation=Evaluation(
+                    tuple(ev["k_values"]), ev["clustering"], ev["batch_size"], ev["interval"]
+                ),
+                **top,
+            )
+        except KeyError as exc:
+            raise ConfigError(
+                f"key {exc.args[0]!r} is missing: an ExperimentConfig is a view of the config "
+                f"that config.validate returns, with the defaults filled in"
+            ) from None
 
 
 def _check_cross_validation(dataset: Mapping[str, Any]) -> None:
@@ -440,12 +516,13 @@ def _check_count(key: str, value: Any) -> None:
 def check_labels(config: Mapping[str, Any], labels: np.ndarray) -> None:
     """What needs the training ``labels``: the batch / sampler combination must be
     possible on them, and a loss given ``num_classes`` must have a class for each."""
-    _check_sampler_on(config, labels)
-    _check_loss_classes(config, labels)
+    view = ExperimentConfig.from_dict(config)
+    _check_sampler_on(view, labels)
+    _check_loss_classes(view.loss, labels)
 
 
-def _check_loss_classes(config: Mapping[str, Any], labels: np.ndarray) -> None:
-    name, kwargs = registry.parse_spec(config["loss"])
+def _check_loss_classes(loss: Any, labels: np.ndarray) -> None:
+    name, kwargs = registry.parse_spec(loss)
     given, needed = kwargs.get("num_classes"), len(np.unique(labels))
     if _is_number(given) and given < needed:
         raise ConfigError(
@@ -455,13 +532,12 @@ def _check_loss_classes(config: Mapping[str, Any], labels: np.ndarray) -> None:
         )
 
 
-def _check_sampler_on(config: Mapping[str, Any], labels: np.ndarray) -> None:
+def _check_sampler_on(config: ExperimentConfig, labels: np.ndarray) -> None:
     """The batch / sampler combination must be possible on these labels."""
-    spec = config.get("sampler")
-    if spec is None:
+    if config.sampler is None:
         return
-    name, kwargs = registry.parse_spec(spec)
-    batch_size = config["batch_size"]
+    name, kwargs = registry.parse_spec(config.sampler)
+    batch_size = config.batch_size
     _, counts = np.unique(labels, return_counts=True)
     for arg in ("m", "samples_per_class", "classes_per_batch"):
         _check_count(f"sampler.{name}.{arg}", kwargs.get(arg))
@@ -480,7 +556,7 @@ def _check_sampler_on(config: Mapping[str, Any], labels: np.ndarray) -> None:
                 f"classes per batch but the training split has {len(counts)}; lower batch_size "
                 f"or raise m"
             )
-        if m > counts.min() and not config.get("allow_repeated_samples", False):
+        if m > counts.min() and not config.allow_repeated_samples:
             small = int((counts < m).sum())
             raise ConfigError(
                 f"sampler.{name}.m: m={m} is larger than the smallest training class "

@@ -4,7 +4,7 @@ pml-plugins train CONFIG [--out DIR] [--resume] [--set key=value ...]
 pml-plugins evaluate RUN_DIR
 pml-plugins list [--kind KIND] [--plugins]
 pml-plugins validate CONFIG [...]
-pml-plugins aggregate RUNS_DIR --out RESULTS_DIR
+pml-plugins aggregate RUN_DIR... --out RESULTS_DIR
 pml-plugins search SPEC [--trials N]
 pml-plugins search-report SPEC --out DIR
 pml-plugins ensemble BEST_JSON --out RUN_DIR
@@ -168,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("aggregate", help="collect run folders into tables and plots")
-    p.add_argument("runs", help="folder holding run folders (searched recursively)")
+    p.add_argument(
+        "runs", nargs="+", help="run folders, or one folder holding run folders (searched)"
+    )
     p.add_argument("--out", required=True, help="results folder")
     p.add_argument("--paper-numbers", help="CSV of the papers' numbers to set beside ours")
     p.add_argument("--no-tables", action="store_true", help="only the tidy CSV")

@@ -7,6 +7,7 @@ Run folder (``config["output"]``)::
     untrained_metrics.json  the untrained model's metrics, computed once
     metrics.json    {"untrained": {split: {metric: value}}, "trained": {...}, ...}
     manifest.json   versions, git revision, seed, device, wall time, data fingerprint
+    test_embeddings.npz  the trained model's embeddings of up to 3000 query images (figures)
     logs/           record-keeper CSVs and logs.db (SQLite)
     checkpoints/    models, optimizers, RNG and plugin state of the last finished epoch
 
@@ -42,7 +43,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 
 from .. import registry
 from ..models.embedder import Embedder
-from . import checkpoint, distributed, files, run_folder
+from . import checkpoint, distributed, figure_points, files, run_folder
 from . import config as cfg_mod
 from . import data as data_mod
 from .amp import with_amp
@@ -585,6 +586,8 @@ def _train_and_evaluate(prep: Prepared) -> dict[str, Any]:
 
     tester.test(eval_splits, epochs, models["trunk"], models["embedder"], plan)
     trained = clean_metrics(tester.all_accuracies)
+    query = figure_points.query_split(config, splits)
+    figure_points.write(out, *figure_points.embed(models, splits[query], device), query)
     metrics = {
         "untrained": untrained,
         "trained": trained,

@@ -18,6 +18,7 @@ from PIL import Image
 from pml_plugins.experiment import aggregate as agg
 from pml_plugins.experiment import config as cfg_mod
 from pml_plugins.experiment import data as data_mod
+from pml_plugins.experiment import figure_points
 from pml_plugins.experiment import run as run_mod
 
 #: two-sided 95% quantiles of Student's t (statistical tables), by degrees of freedom
@@ -291,19 +292,17 @@ def test_paper_metric_names(name, ours):
     assert agg.canonical_metric(name) == ours
 
 
-def test_scatter_embeds_the_test_split_from_the_checkpoint(tmp_path):
-    """A 2-D run with real checkpoints: the scatter uses exactly the saved model."""
+def test_scatter_draws_the_embeddings_the_run_wrote(tmp_path):
+    """A 2-D run folder with the trained model's embeddings of the query split (what
+    ``train`` writes, :mod:`pml_plugins.experiment.figure_points`): the scatter draws
+    exactly those, without a checkpoint or the data."""
     root = tmp_path / "runs"
     folder = write_run(root, "NRA", 2, 0, metrics_of(0.5, 0.2), metrics_of(0.1, 0.1))
     (run,) = agg.find_runs(root)
     splits = data_mod.load_splits(run.config["dataset"])
     torch.manual_seed(3)
     models = run_mod.build_models(run.config, splits["train"][0][0])
-    ckpt = folder / "checkpoints"
-    ckpt.mkdir()
-    for name, model in models.items():
-        torch.save(model.state_dict(), ckpt / f"{name}_1.pth")
-    torch.save({"epoch": 1}, ckpt / "state_1.pth")
+    figure_points.write(folder, *figure_points.embed(models, splits["test"], "cpu"), "test")
 
     emb, labels = agg.embed_test_split(run)
     test = splits["test"]

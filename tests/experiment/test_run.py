@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pml_plugins.cli import main
@@ -43,6 +44,14 @@ def test_default_config_trains_better_than_untrained(tmp_path, capsys):
     assert (out / "checkpoints" / "trunk_5.pth").exists()
     assert (out / "checkpoints" / "state_5.pth").exists()
     assert (out / "config.yaml").exists()
+    # the figures' points: the trained model's embeddings of (up to 3000) test images
+    from pml_plugins.experiment import data, figure_points
+
+    emb, labels = figure_points.read(out)
+    test = data.load_splits({"name": "mnist_subset"})["test"]
+    assert emb.shape == (min(len(test), 3000), 64) and emb.dtype == np.float32
+    assert set(labels.tolist()) == set(test.labels.tolist())
+    assert np.isfinite(emb).all() and np.linalg.norm(emb, axis=1).min() > 0
 
 
 def test_two_seeded_runs_give_the_same_metrics(tmp_path):

@@ -55,6 +55,17 @@ def all_metrics():
     return [f"{RUNS}/{path}/metrics.json" for path in CELLS]
 
 
+def all_run_files():
+    """What aggregate reads of each run besides metrics.json (rules train and ensemble)."""
+    out = []
+    for path, cell in CELLS.items():
+        names = ["config.yaml", "manifest.json"]
+        if not (cell.get("tuning") or {}).get("ensemble"):
+            names.append("test_embeddings.npz")
+        out += [f"{RUNS}/{path}/{name}" for name in names]
+    return out
+
+
 def best_json(study):
     """A study's best.json (``study``: <dataset>/<label>/<dim>)."""
     dataset, label, dim = study.split("/")

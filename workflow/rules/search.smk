@@ -83,6 +83,8 @@ rule ensemble:
         best=report_file("best.json"),
     output:
         metrics=f"{RUNS}/{{dataset}}/{{loss}}+ensemble/{{dim}}/seed0/metrics.json",
+        config=f"{RUNS}/{{dataset}}/{{loss}}+ensemble/{{dim}}/seed0/config.yaml",
+        manifest=f"{RUNS}/{{dataset}}/{{loss}}+ensemble/{{dim}}/seed0/manifest.json",
     log:
         f"{RUNS}/{{dataset}}/{{loss}}+ensemble/{{dim}}/seed0/ensemble.log",
     container:

@@ -12,6 +12,8 @@ rule train:
         cfg=run_file("cell.yaml"),
         metrics=run_file("metrics.json"),
         manifest=run_file("manifest.json"),
+        config=run_file("config.yaml"),
+        points=run_file("test_embeddings.npz"),
     log:
         run_file("train.log"),
     benchmark:

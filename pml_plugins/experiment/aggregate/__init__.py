@@ -27,6 +27,7 @@ Numbers are percentages in the tables and plots, fractions in the CSVs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from .discovery import (
@@ -121,7 +122,7 @@ __all__ = [
 
 
 def aggregate(
-    runs_dir: str | Path,
+    runs_dir: str | Path | Sequence[str | Path],
     out_dir: str | Path,
     paper_numbers: str | Path | None = None,
     tables: bool = True,

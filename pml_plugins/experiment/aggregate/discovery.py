@@ -64,7 +64,7 @@ def metrics_problem(metrics: Any, required: Sequence[str] = ("trained",)) -> str
     return None
 
 
-def read_run_metrics(path: Path, runs_dir: Path) -> dict[str, Any]:
+def read_run_metrics(path: Path, runs_dir: str | Path) -> dict[str, Any]:
     """A run's ``metrics.json``; a :class:`RunFileError` naming the file where it is
     damaged or does not hold a run's metrics (a table without that run would be wrong)."""
     folder = path.parent
@@ -79,20 +79,38 @@ def read_run_metrics(path: Path, runs_dir: Path) -> dict[str, Any]:
     return metrics
 
 
-def find_runs(runs_dir: str | Path) -> list[Run]:
-    """Every finished run below ``runs_dir`` (one per dataset/loss/size/seed).
+def run_folders(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The run folders: ``paths`` themselves where each holds ``metrics.json`` (the
+    workflow's explicit list), else every folder below one given folder that does."""
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    for path in paths:
+        if not path.is_dir():
+            raise FileNotFoundError(f"runs folder {str(path)!r} does not exist")
+    if len(paths) == 1 and not (paths[0] / "metrics.json").is_file():
+        return [p.parent for p in sorted(paths[0].rglob("metrics.json"))]
+    missing = [str(p) for p in paths if not (p / "metrics.json").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{missing[0]} holds no metrics.json: not a finished run folder ({len(missing)} "
+            f"of the {len(paths)} folders given); train it, or leave it out"
+        )
+    return sorted(paths)
+
+
+def find_runs(runs: str | Path | Sequence[str | Path]) -> list[Run]:
+    """Every finished run: the run folders given, or those below one folder (one per
+    dataset/loss/size/seed).
 
     A run folder is any folder holding ``metrics.json`` and ``config.yaml``, except the
     folds of a hyperparameter search (``dataset.cross_validation``). Its loss
     label is the folder name two levels up when the folder follows the workflow's layout
     ``<dataset>/<label>/<dim>/seed<k>``, else the loss's class name.
     """
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        raise FileNotFoundError(f"runs folder {str(runs_dir)!r} does not exist")
+    runs_dir = Path(runs) if isinstance(runs, (str, Path)) else "the run folders given"
+    folders = run_folders(runs)
     runs: dict[tuple, Run] = {}
-    for metrics_path in sorted(runs_dir.rglob("metrics.json")):
-        folder = metrics_path.parent
+    for folder in folders:
+        metrics_path = folder / "metrics.json"
         config_path = folder / "config.yaml"
         if not config_path.is_file():
             LOG.warning("skipping %s: no config.yaml beside metrics.json", folder)
@@ -117,9 +135,7 @@ def find_runs(runs_dir: str | Path) -> list[Run]:
             continue
         runs[key] = run
     if not runs:
-        raise FileNotFoundError(
-            f"no finished runs (metrics.json + config.yaml) below {str(runs_dir)!r}"
-        )
+        raise FileNotFoundError(f"no finished runs (metrics.json + config.yaml) in {runs!s}")
     return list(runs.values())
 
 
@@ -164,35 +180,13 @@ def read_loss_history(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
     return np.asarray(its)[order], np.asarray(vals)[order]
 
 
-def embed_test_split(run: Run, max_points: int = 3000) -> tuple[np.ndarray, np.ndarray] | None:
-    """The trained model's raw (unnormalised) embeddings of the run's query split and their
-    labels (at most ``max_points``, a fixed random subset); None without a checkpoint."""
-    import torch
+def embed_test_split(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
+    """The trained model's raw (unnormalised) embeddings of (up to 3000 of) the run's query
+    split and their labels, as the run wrote them (``test_embeddings.npz``); None for a run
+    without that file."""
+    from .. import figure_points
 
-    from .. import data as data_mod
-    from .. import run as run_mod
-
-    ckpt = run.path / "checkpoints"
-    epoch = run_mod.latest_checkpoint(ckpt) if ckpt.is_dir() else 0
-    if not epoch:
-        LOG.warning("no checkpoint in %s: no 2-D scatter for it", run.path)
-        return None
-    splits = data_mod.load_splits(run.config["dataset"])
-    plan = data_mod.eval_plan(run.config["dataset"]["name"], splits)
-    query = [q for q, _ in plan if q != "val"]
-    dataset = splits[query[0] if query else plan[-1][0]]
-    models = run_mod.build_models(run.config, dataset[0][0])
-    for name, model in models.items():
-        state = torch.load(ckpt / f"{name}_{epoch}.pth", map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-        model.eval()
-    labels = data_mod.labels_of(dataset)
-    idx = np.arange(len(labels))
-    if len(idx) > max_points:
-        idx = np.random.RandomState(0).choice(idx, max_points, replace=False)
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(idx), 256):
-            batch = torch.stack([dataset[int(i)][0] for i in idx[start : start + 256]])
-            out.append(models["embedder"](models["trunk"](batch)).numpy())
-    return np.concatenate(out), labels[idx]
+    points = figure_points.read(run.path)
+    if points is None:
+        LOG.warning("no %s in %s: no 2-D scatter for it", figure_points.FILE_NAME, run.path)
+    return points

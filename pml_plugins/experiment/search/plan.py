@@ -109,7 +109,7 @@ def expand(grid: Mapping[str, Any], cells: Mapping[str, dict[str, Any]]) -> tupl
             new = copy.deepcopy(cell)
             new["name"] = f"{label}{suffix}"
             new["output"] = f"{runs_dir}/{new_path}"
-            new["tuning"] = {"from": study}
+            new["tuning"] = {"from": study, **({"ensemble": True} if suffix == ENSEMBLE else {})}
             tuned[new_path] = new
     return tuned, studies
 

@@ -1,6 +1,6 @@
 """How much the proximal term of Alternating Projections weighs, for a range of lambda.
 
-Trains the AlternatingProjections row of the default grid (workflow/config/config.yaml:
+Trains the AlternatingProjections row of the default grid (config/config.yaml:
 the embedded MNIST subset, SmallCNN, MultiSimilarity, 4 classes x 20 samples, T = 10
 iterations per projection, 5 epochs) once per lambda and seed, with ``proximal_weight``
 replaced, and reports per lambda (mean and min-max over the seeds):
@@ -42,7 +42,7 @@ from pml_plugins.experiment import run as run_mod
 from pml_plugins.trainers import AlternatingProjections
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # PML's trainers and testers print progress bars
-GRID = Path(__file__).resolve().parents[1] / "workflow" / "config" / "config.yaml"
+GRID = Path(__file__).resolve().parents[1] / "config" / "config.yaml"
 ROW = "AlternatingProjections"
 LAMBDAS = (0.0, 2e-4, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 FIELDS = (

@@ -1,6 +1,6 @@
 """Job start-up: from process start to the end of the first training batch, by phase.
 
-Runs ``pml-plugins train`` on one cell of the default grid (workflow/config/config.yaml:
+Runs ``pml-plugins train`` on one cell of the default grid (config/config.yaml:
 the embedded MNIST subset, SmallCNN width 16, batch 80) in a fresh process, as a workflow
 job does, with one thread, and reports the wall time at which each phase ended, measured
 in the child from the moment the parent started it: imports done, data loaded, untrained
@@ -72,7 +72,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from pml_plugins.experiment import grid as grid_mod
 
-    cells = grid_mod.expand(yaml.safe_load((REPO / "workflow/config/config.yaml").read_text()))
+    cells = grid_mod.expand(yaml.safe_load((REPO / "config/config.yaml").read_text()))
     cell = cells[f"mnist_subset/{args.cell}"]
     results = []
     with tempfile.TemporaryDirectory() as tmp:

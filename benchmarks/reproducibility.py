@@ -1,6 +1,6 @@
 """How far the default grid's numbers move between runs, thread counts and machines.
 
-Runs cells of the default grid (workflow/config/config.yaml) through ``pml-plugins train``,
+Runs cells of the default grid (config/config.yaml) through ``pml-plugins train``,
 as the workflow does, three times each: with 1 thread, again with 1 thread (a rerun on the
 same machine), and with 2 threads. For each cell it prints the largest absolute difference
 over the trained test metrics (MAP@R, R@1, ..., NMI, F1; in points, i.e. x100) between the
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 64])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args()
-    grid = yaml.safe_load((REPO / "workflow/config/config.yaml").read_text())
+    grid = yaml.safe_load((REPO / "config/config.yaml").read_text())
     cells = grid_mod.expand(grid)
     ref = reference(REPO / "results/reference/runs.csv")
     print("| cell | rerun, 1 thread | 2 threads vs 1 | vs reference machine |")

@@ -76,8 +76,8 @@ def by_content(fragment: str, lang: str = "bash") -> dict:
 
 
 def scratch(tmp_path: Path) -> Path:
-    """A copy of what the commands read (workflow/, examples/) to run them in."""
-    for name in ("workflow", "examples"):
+    """A copy of what the commands read (workflow/, config/, examples/) to run them in."""
+    for name in ("workflow", "config", "examples"):
         shutil.copytree(REPO / name, tmp_path / name)
     return tmp_path
 
@@ -134,7 +134,7 @@ def test_main_job_plans_the_whole_grid(tmp_path):
     fresh copy of the workflow, without run folders, it plans one training job per cell of
     the default grid (losses x embedding sizes x seeds), the number the README states, and
     the aggregation."""
-    grid = yaml.safe_load((REPO / "workflow/config/config.yaml").read_text())
+    grid = yaml.safe_load((REPO / "config/config.yaml").read_text())
     cells = len(grid["losses"]) * len(grid["embedding_sizes"]) * len(grid["seeds"])
     assert f"all {cells} runs of the default grid" in README.read_text()
     (cmd,) = commands(by_content("snakemake --cores all")["code"])

@@ -50,7 +50,7 @@ APPTAINER_DEF = REPO / "containers" / "apptainer.def"
 DOCKERIGNORE = REPO / ".dockerignore"
 DOCS = REPO / "docs" / "containers.md"
 README = REPO / "README.md"
-WORKFLOW_CONFIGS = REPO / "workflow" / "config"
+WORKFLOW_CONFIGS = REPO / "config"
 
 IMAGE_NAME = "ghcr.io/pml-plugins/pml-plugins"
 IMAGE_RE = re.compile(re.escape(IMAGE_NAME) + r":[A-Za-z0-9_.\-]+")

@@ -17,7 +17,7 @@ View = cfg_mod.ExperimentConfig
 
 
 def _grid_cell() -> dict:
-    cells = grid.expand(yaml.safe_load((ROOT / "workflow" / "config" / "config.yaml").read_text()))
+    cells = grid.expand(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
     return next(iter(cells.values()))
 
 

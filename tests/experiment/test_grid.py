@@ -16,7 +16,7 @@ from pml_plugins.experiment import config as cfg_mod
 from pml_plugins.experiment import grid
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_GRID = REPO / "workflow" / "config" / "config.yaml"
+DEFAULT_GRID = REPO / "config" / "config.yaml"
 
 
 def small_grid() -> dict:

@@ -1,4 +1,4 @@
-"""The paper grids under workflow/config/: every cell validates, every component, trunk,
+"""The paper grids under config/: every cell validates, every component, trunk,
 optimizer, scheduler and trainer builds without data, the papers' recipes are the ones
 docs/methods/ states, and workflow/resources/paper_numbers.csv is well-formed and matches the grids."""
 
@@ -22,7 +22,7 @@ from pml_plugins.experiment.datasets import _val_classes
 from pml_plugins.models.backbones import POOLINGS
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ROOT / "workflow" / "config"
+CONFIGS = ROOT / "config"
 PAPER_GRIDS = [
     "fair",
     "gradml",

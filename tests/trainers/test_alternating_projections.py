@@ -20,7 +20,7 @@ from pml_plugins.samplers import RepresentativeSampler
 from pml_plugins.trainers import AlternatingProjections
 from pml_plugins.trainers.proximal_term import ProximalTerm
 
-GRID = Path(__file__).resolve().parents[2] / "workflow" / "config" / "config.yaml"
+GRID = Path(__file__).resolve().parents[2] / "config" / "config.yaml"
 N_CLASSES, PER_CLASS, DIM = 6, 8, 5
 K, M = 3, 4
 

@@ -22,7 +22,7 @@ from tests.workflow.forked_snakemake import Call, ForkedSnakemake
 
 REPO = Path(__file__).resolve().parents[2]
 SNAKEFILE = REPO / "workflow" / "Snakefile"
-CONFIGS = sorted((REPO / "workflow" / "config").glob("*.yaml"))
+CONFIGS = sorted((REPO / "config").glob("*.yaml"))
 LOCAL_PROFILE = REPO / "workflow" / "profiles" / "local"
 BIN = Path(sys.executable).parent
 
@@ -76,7 +76,7 @@ def test_there_is_a_default_grid_and_paper_grids():
 @pytest.mark.slow
 def test_dry_run_resolves_every_grid(snakemake, tmp_path):
     """`snakemake -n` at the repository root on the default grid (found without options:
-    workflow/Snakefile, workflow/config/config.yaml) and on every paper grid, without data."""
+    workflow/Snakefile, config/config.yaml) and on every paper grid, without data."""
     assert not (REPO / "Snakefile").exists(), "one Snakefile: workflow/Snakefile"
     calls = []
     for config in CONFIGS:

@@ -19,13 +19,14 @@ def test_committed_tables_do_not_make_a_fresh_clone_skip_training(tmp_path):
     """A clone with tables in results/ (newer than everything) and no runs/ still plans
     every training job: the targets are the run folders too."""
     shutil.copytree(REPO / "workflow", tmp_path / "workflow")
+    shutil.copytree(REPO / "config", tmp_path / "config")
     shutil.copytree(REFERENCE, tmp_path / "results")
     for path in (tmp_path / "results").rglob("*"):
         path.touch()
     proc = run_snakemake("-n", "--cores", "all", cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    grid = yaml.safe_load((REPO / "workflow" / "config" / "config.yaml").read_text())
+    grid = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cells = len(grid["losses"]) * len(grid["embedding_sizes"]) * len(grid["seeds"])
     assert job_count(out, "train") == cells, out[-3000:]
     # the committed reference holds a run of every cell of today's grid
@@ -34,13 +35,13 @@ def test_committed_tables_do_not_make_a_fresh_clone_skip_training(tmp_path):
 
 
 def test_reference_results_and_paper_numbers_are_outside_the_output_tree():
-    grid = yaml.safe_load((REPO / "workflow" / "config" / "config.yaml").read_text())
+    grid = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     out = REPO / grid["results_dir"]
     assert REFERENCE.is_relative_to(out) and REFERENCE != out
     # the default grid writes <results_dir>/<dataset>/..., never into reference/
     assert "reference" not in grid["datasets"]
     assert (REFERENCE / "mnist_subset" / "table.md").is_file()
-    for config in (REPO / "workflow" / "config").glob("*.yaml"):
+    for config in (REPO / "config").glob("*.yaml"):
         paper = yaml.safe_load(config.read_text()).get("paper_numbers")
         if paper:
             path = REPO / paper

@@ -1,4 +1,4 @@
-# Hyperparameter search (a grid with a `search` block, e.g. workflow/config/tuned.yaml; see
+# Hyperparameter search (a grid with a `search` block, e.g. config/tuned.yaml; see
 # docs/protocol.md): per data set x loss x size one Optuna study, searched by `workers`
 # jobs on class-disjoint folds of the training classes (the test split is never read),
 # reported (best.json, trials.csv, Optuna's plots), then the best parameters retrained for

@@ -1,6 +1,6 @@
 """A grid's search block: which studies to run and which tuned cells they feed.
 
-A grid config (``workflow/config/tuned.yaml``) with a ``search`` block tunes the listed
+A grid config (``config/tuned.yaml``) with a ``search`` block tunes the listed
 losses (``search.tune``; default: every loss of the grid) on every data set and embedding
 size: one study per data set x loss x size, whose experiment is the loss's cell at seed
 ``search.seed``. Beside each untuned cell ``<label>`` the grid then has

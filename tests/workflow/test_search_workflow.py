@@ -88,7 +88,7 @@ def test_a_tiny_tuned_grid_runs_search_retrain_and_test(tmp_path):
         assert "cross_validation" not in cfg["dataset"]
         assert "test" in json.loads((tuned / "metrics.json").read_text())["trained"]
 
-        ensemble = tmp_path / "runs" / "mnist_subset" / f"{label}+ensemble" / "8" / "seed0"
+        ensemble = tmp_path / "runs" / "mnist_subset" / f"{label}+ensemble" / "16" / "seed0"
         metrics = json.loads((ensemble / "metrics.json").read_text())
         assert metrics["embedding_size"] == 16 and len(metrics["members"]) == 2
         assert 0 < metrics["trained"]["test"]["mean_average_precision_at_r"] <= 1
@@ -96,6 +96,9 @@ def test_a_tiny_tuned_grid_runs_search_retrain_and_test(tmp_path):
     table = (tmp_path / "results" / "mnist_subset" / "table.md").read_text()
     for row in ("| Contrastive ", "| Contrastive+tuned ", "| NRA+ensemble "):
         assert row in table, table
+    # an ensemble of 2 fold models of 8 dimensions is a row of its own size, 16
+    assert table.index("embedding size 16") < table.index("| NRA+ensemble ")
+    assert "| NRA+ensemble " not in table[: table.index("embedding size 16")]
     assert "How the tuned rows were chosen" in table
     assert "2 trials (2 complete, 0 pruned)" in table
     # the folds of the search are not rows of the table

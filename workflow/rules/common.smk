@@ -147,3 +147,9 @@ def study_gpus(wildcards):
 
 def study_launcher(wildcards):
     return "python -m pml_plugins.experiment.gpu_pool" if study_gpus(wildcards) else ""
+
+
+def ensemble_best(wildcards):
+    """The best.json of an ensemble cell's study (the cell's size is k x the study's)."""
+    path = f"{wildcards.dataset}/{wildcards.loss}+ensemble/{wildcards.dim}/seed0"
+    return best_json(CELLS[path]["tuning"]["from"])

@@ -80,7 +80,7 @@ rule search_report:
 rule ensemble:
     """The best trial's fold models, concatenated, evaluated once on the test split."""
     input:
-        best=report_file("best.json"),
+        best=ensemble_best,
     output:
         metrics=f"{RUNS}/{{dataset}}/{{loss}}+ensemble/{{dim}}/seed0/metrics.json",
         config=f"{RUNS}/{{dataset}}/{{loss}}+ensemble/{{dim}}/seed0/config.yaml",

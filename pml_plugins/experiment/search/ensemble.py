@@ -62,6 +62,8 @@ def evaluate(best_json: str | Path, out: str | Path, seed: int = 0) -> dict[str,
     config = copy.deepcopy(first)
     config["dataset"].pop("cross_validation")
     config.update(seed=seed, output=str(out))
+    # what is evaluated: k members' embeddings side by side (each member: first["model"])
+    config["model"]["embedding_size"] = len(fold_dirs) * first["model"]["embedding_size"]
     config["tuning"] = {**report.tuning_record(best), "ensemble": f"{len(fold_dirs)} fold models"}
     out = Path(out)
     if run_mod.check_folder(config, out, resume=True)[1]:
@@ -85,7 +87,7 @@ def evaluate(best_json: str | Path, out: str | Path, seed: int = 0) -> dict[str,
             "trained": run_mod.clean_metrics(tester.all_accuracies),
             "epochs": config["epochs"],
             "eval_plan": [[q, refs] for q, refs in plan],
-            "embedding_size": len(members) * config["model"]["embedding_size"],
+            "embedding_size": config["model"]["embedding_size"],
             "members": [str(d) for d in fold_dirs],
         }
         prep = run_mod.Prepared(config, eval_splits, out, device)

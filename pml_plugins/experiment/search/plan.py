@@ -7,8 +7,9 @@ size: one study per data set x loss x size, whose experiment is the loss's cell 
 
 - ``<label>+tuned``: the same cell with the study's best parameters, retrained on all
   training classes for every seed of the grid and tested once;
-- ``<label>+ensemble`` (``search.ensemble``, default true): the best trial's fold models,
-  concatenated, tested once (seed 0 only: it is one ensemble).
+- ``<label>+ensemble`` (``search.ensemble``, default true): the best trial's ``k`` fold
+  models, concatenated, tested once (seed 0 only: it is one ensemble); its run folder and
+  table section are those of its own size, ``k x d`` (``<label>+ensemble/<k*d>/seed0``).
 
 Study folders: ``<runs_dir>/<dataset>/<label>/<dim>/search/`` (the journal file and the
 trials' fold run folders); reports: ``<results_dir>/<dataset>/search/<label>/<dim>/``.
@@ -107,6 +108,10 @@ def expand(grid: Mapping[str, Any], cells: Mapping[str, dict[str, Any]]) -> tupl
                 continue
             new_path = path.replace(f"/{label}/", f"/{label}{suffix}/", 1)
             new = copy.deepcopy(cell)
+            if suffix == ENSEMBLE:  # k fold models of d dimensions: a k*d-dimensional row
+                size = block.get("folds", 4) * dim
+                new_path = new_path.replace(f"/{dim}/seed", f"/{size}/seed", 1)
+                new["model"]["embedding_size"] = size
             new["name"] = f"{label}{suffix}"
             new["output"] = f"{runs_dir}/{new_path}"
             new["tuning"] = {"from": study, **({"ensemble": True} if suffix == ENSEMBLE else {})}

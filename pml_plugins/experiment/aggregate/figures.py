@@ -150,7 +150,10 @@ def _legend_below(fig, handles: Mapping[str, Any], labels: Sequence[str], ncol: 
             frameon=False,
         )
         bottom = (0.1 + 0.3 * math.ceil(len(labels) / ncol)) / fig.get_figheight()
-    fig.tight_layout(rect=(0, bottom, 1, 1))
+    # room above the panels for the figure's title (tight_layout leaves it out)
+    lines = fig.get_suptitle().count("\n") + 1 if fig.get_suptitle() else 0
+    top = 1 - (0.1 + 0.2 * lines) / fig.get_figheight()
+    fig.tight_layout(rect=(0, bottom, 1, top))
 
 
 def _text_color(rgba: Sequence[float]) -> str:
@@ -301,6 +304,9 @@ def plot_training_curves(runs: Sequence[Run], dataset: str, path: Path) -> Path:
     embedding size; line style: seed), from the record-keeper's loss history."""
     plt = _pyplot()
     runs = [r for r in runs if r.dataset == dataset]
+    # runs that train nothing (a fold ensemble: no loss history) get no panel
+    trained = [r for r in runs if "tuning" not in r.config or "ensemble" not in r.config["tuning"]]
+    runs = trained or runs
     losses = sorted({r.loss for r in runs})
     cols = min(3, len(losses))
     nrows = math.ceil(len(losses) / cols)

@@ -114,11 +114,13 @@ def write_plots(spec: SearchSpec, study: optuna.Study, out: Path) -> None:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         ax = ovm.plot_optimization_history(study, target_name=f"mean validation {label}")
         _title(
-            ax, f"{spec.study}: search history ({spec.folds}-fold CV, TPE); pruned trials not shown"
+            ax, f"{spec.study}\nsearch history ({spec.folds}-fold CV, TPE); pruned trials not shown"
         )
         ax.legend(loc="best", fontsize=8)
         _save(ax, out / "optimization_history.png", (7, 4.2))
-        title = f"{spec.study}: importance of each parameter for the validation {label} (fANOVA)"
+        title = (
+            f"{spec.study}\nimportance of each parameter for the mean validation {label} (fANOVA)"
+        )
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=spec.raw["seed"])
         try:
             ax = ovm.plot_param_importances(study, evaluator=evaluator)
@@ -137,16 +139,18 @@ METRIC_LABELS = {"mean_average_precision_at_r": "MAP@R", "precision_at_1": "P@1"
 
 
 def _title(ax, text: str) -> None:
+    """``text`` as the figure's title, left-aligned over the whole figure (an axes title
+    starts at the axes and was cut off right of long parameter names)."""
     for loc in ("left", "center", "right"):
         ax.set_title("", loc=loc)
-    ax.set_title(text, loc="left", fontsize=9)
+    ax.figure.suptitle(text, x=0.01, ha="left", fontsize=9)
 
 
 def _save(ax, path: Path, size: tuple[float, float]) -> None:
     import matplotlib.pyplot as plt
 
     ax.figure.set_size_inches(*size)
-    ax.figure.tight_layout()
+    ax.figure.tight_layout(rect=(0, 0, 1, 1 - 0.45 / size[1]))
     ax.figure.savefig(path, dpi=110)
     plt.close(ax.figure)
 

@@ -175,7 +175,7 @@ def test_a_changed_spec_does_not_continue_the_study(finished):
 
 
 def test_a_killed_search_resumes_its_study_and_ends_as_the_uninterrupted_one(finished, tmp_path):
-    """A worker is killed inside trial 1, fold 0, after its first epoch; the next worker
+    """A worker is killed inside trial 1, fold 0, after a checkpoint; the next worker
     fails that trial, queues its parameters again into the same fold run folders (the fold
     continues from its checkpoint), and the study ends with the uninterrupted values."""
     _, reference = finished
@@ -192,6 +192,7 @@ def test_a_killed_search_resumes_its_study_and_ends_as_the_uninterrupted_one(fin
         assert time.time() < deadline
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGSTOP)  # frozen at once, whatever the load
+    stopped_at = checkpoint.latest(ckpt)  # epoch 1, or 2 where the worker ran ahead
     fold0_done = (ckpt.parent / "metrics.json").exists()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -205,7 +206,7 @@ def test_a_killed_search_resumes_its_study_and_ends_as_the_uninterrupted_one(fin
     assert trials[2].user_attrs["folder"] == "trial1"
     if not fold0_done:
         manifest = files.read_json(ckpt.parent / "manifest.json", "")
-        assert manifest["resumed_from_epoch"] == 1
+        assert manifest["resumed_from_epoch"] == stopped_at >= 1
     assert values(study) == values(reference)
 
 

@@ -10,32 +10,20 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.workflow.test_workflow import SNAKEFILE, run_snakemake
+from tests.workflow.test_workflow import SNAKEFILE, run_snakemake, write_grid
 
 
 def tiny_tuned_grid(path: Path) -> Path:
-    grid = {
-        "runs_dir": "runs",
-        "results_dir": "results",
-        "threads": 1,
-        "base": {
-            "model": {"trunk": {"SmallCNN": {"width": 8}}},
-            "sampler": {"MPerClassSampler": {"m": 4}},
-            "batch_size": 8,
-            "epochs": 1,
-            "iterations_per_epoch": 10,
-            "device": "cpu",
-            "dataset": {"limit_per_class": 16},
-            "evaluation": {"k_values": [1, 2]},
-        },
-        "datasets": {"mnist_subset": {}},
-        "losses": {
+    """test_workflow's tiny grid, smaller still (batches of 2 digits: a training fold may
+    hold only 2), one size and one seed, with a search block."""
+    path = write_grid(
+        path,
+        losses={
             "Contrastive": {"loss": {"ContrastiveLoss": {"pos_margin": 0, "neg_margin": 1}}},
             "NRA": {"loss": {"NRALoss": {"alpha": 4}}},
         },
-        "embedding_sizes": [8],
-        "seeds": [0],
-        "search": {
+        embedding_sizes=[8],
+        search={
             "spaces": {
                 "ContrastiveLoss": {"neg_margin": {"float": [0.5, 1.5]}},
                 "NRALoss": {"alpha": {"float": [1, 16], "log": True}},
@@ -45,7 +33,15 @@ def tiny_tuned_grid(path: Path) -> Path:
             "startup_trials": 2,
             "pruner": None,
         },
-    }
+    )
+    grid = yaml.safe_load(path.read_text())
+    grid["base"].update(
+        batch_size=8,
+        epochs=1,
+        iterations_per_epoch=10,
+        dataset={"limit_per_class": 16},
+        evaluation={"k_values": [1, 2]},
+    )
     path.write_text(yaml.safe_dump(grid))
     return path
 

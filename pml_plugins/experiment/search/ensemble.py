@@ -37,7 +37,8 @@ class FoldEnsemble(torch.nn.Module):
         return torch.cat([torch.nn.functional.normalize(m(x), dim=1) for m in self.members], 1)
 
 
-def _member(fold_dir: Path, sample: torch.Tensor) -> tuple[dict[str, Any], torch.nn.Module]:
+def _member(fold_dir: Path, sample: torch.Tensor) -> torch.nn.Module:
+    """A finished fold run's trunk + embedder, from its last checkpoint (``weights_only``)."""
     config = cfg_mod.load(fold_dir / "config.yaml", check_data=False)
     ckpt = fold_dir / "checkpoints"
     epoch = checkpoint.latest(ckpt) if ckpt.is_dir() else 0
@@ -50,7 +51,7 @@ def _member(fold_dir: Path, sample: torch.Tensor) -> tuple[dict[str, Any], torch
     for name, model in models.items():
         state = torch.load(ckpt / f"{name}_{epoch}.pth", map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    return config, torch.nn.Sequential(models["trunk"], models["embedder"]).eval()
+    return torch.nn.Sequential(models["trunk"], models["embedder"]).eval()
 
 
 def evaluate(best_json: str | Path, out: str | Path, seed: int = 0) -> dict[str, Any]:
@@ -71,7 +72,7 @@ def evaluate(best_json: str | Path, out: str | Path, seed: int = 0) -> dict[str,
     splits = data_mod.load_splits(config["dataset"])  # the test split, read once, here
     eval_splits = {k: v for k, v in splits.items() if k not in ("train", "val")}
     sample = next(iter(eval_splits.values()))[0][0]
-    members = [_member(d, sample)[1] for d in fold_dirs]
+    members = [_member(d, sample) for d in fold_dirs]
     device = run_mod.resolve_device(config["device"])
     model = FoldEnsemble(members).to(device)
     plan = [

@@ -33,7 +33,7 @@ import optuna.distributions as od
 import yaml
 
 from .. import config as cfg_mod
-from .space import SearchSpaceError, check_spaces, experiment_space
+from .space import SearchSpaceError, apply, check_spaces, experiment_space
 
 SCHEMA_PATH = Path(__file__).with_name("search.schema.yaml")
 #: keys of a spec that may change between the workers of one study (where they run)
@@ -77,8 +77,6 @@ class SearchSpec:
 
     def fold_config(self, params: Mapping[str, Any], fold: int, folder: Path) -> dict[str, Any]:
         """The experiment of one fold of a trial: ``params`` set, ``cross_validation``."""
-        from .space import apply
-
         config = apply(self.experiment, params)
         config["dataset"] = {
             **config["dataset"],

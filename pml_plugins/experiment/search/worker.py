@@ -24,14 +24,13 @@ Nothing in the search reads the test split (:func:`..folds.search_only`).
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import filelock
 import numpy as np
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from .. import folds
 from .spec import SearchSpec, SearchSpecError
@@ -67,14 +66,17 @@ def open_study(spec: SearchSpec, create: bool = True) -> optuna.Study:
             raise SearchSpecError(
                 f"no study {spec.study!r} in {where}; run `pml-plugins search` first"
             ) from None
-    study = optuna.create_study(
-        study_name=spec.study, storage=storage(spec), direction="maximize", load_if_exists=True
-    )
-    made_by = study.user_attrs.get("spec_fingerprint")
-    if made_by is None:
-        study.set_user_attr("spec_fingerprint", spec.fingerprint())
-        study.set_user_attr("spec", {k: v for k, v in spec.raw.items() if k != "experiment"})
-    elif made_by != spec.fingerprint():
+    # workers starting together must not both create the storage's tables and the study
+    spec.output.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(spec.output / ".study.lock")):
+        study = optuna.create_study(
+            study_name=spec.study, storage=storage(spec), direction="maximize", load_if_exists=True
+        )
+        made_by = study.user_attrs.get("spec_fingerprint")
+        if made_by is None:
+            study.set_user_attr("spec_fingerprint", spec.fingerprint())
+            study.set_user_attr("spec", {k: v for k, v in spec.raw.items() if k != "experiment"})
+    if made_by is not None and made_by != spec.fingerprint():
         raise SearchSpecError(
             f"study {spec.study!r} in {where} was made by another search spec (experiment, "
             f"spaces, folds, budget or seeds differ); a search resumes only the same search: "
@@ -158,32 +160,26 @@ def fold_value(spec: SearchSpec, params: dict[str, Any], fold: int, folder: Path
     return float(value)
 
 
-def run_trial(spec: SearchSpec, study: optuna.Study, trial: optuna.Trial) -> TrialState:
-    """Every fold of ``trial`` (stopping early where the pruner says so); tells the study."""
+def run_trial(spec: SearchSpec, study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
+    """Every fold of ``trial`` (stopping early where the pruner says so); tells the study
+    and returns the finished trial."""
+    from ..run import NonFiniteError
+
     folder = spec.output / "trials" / trial.user_attrs[FOLDER_ATTR]
     values: list[float] = []
     for fold in range(spec.folds):
         try:
             values.append(fold_value(spec, trial.params, fold, folder))
-        except Exception as exc:
-            from .. import run as run_mod
-
-            if not isinstance(exc, run_mod.NonFiniteError):
-                raise
-            # a diverging configuration is a bad trial, not a broken search
+        except NonFiniteError as exc:  # a diverging configuration is a bad trial
             LOG.warning("trial %d fold %d diverged: %s", trial.number, fold, exc)
             trial.set_user_attr("diverged", f"fold {fold}: {exc}")
-            study.tell(trial, state=TrialState.PRUNED)
-            return TrialState.PRUNED
+            return study.tell(trial, state=TrialState.PRUNED)
         trial.set_user_attr(f"fold{fold}", values[-1])
-        mean = float(np.mean(values))
         if fold < spec.folds - 1:
-            trial.report(mean, step=fold)
+            trial.report(float(np.mean(values)), step=fold)
             if trial.should_prune():
-                study.tell(trial, state=TrialState.PRUNED)
-                return TrialState.PRUNED
-    study.tell(trial, mean)
-    return TrialState.COMPLETE
+                return study.tell(trial, state=TrialState.PRUNED)
+    return study.tell(trial, float(np.mean(values)))
 
 
 def work(spec: SearchSpec, max_trials: int | None = None) -> int:
@@ -199,16 +195,15 @@ def work(spec: SearchSpec, max_trials: int | None = None) -> int:
                 break
             trial, lock = asked
             try:
-                state = run_trial(spec, study, trial)
+                ended = run_trial(spec, study, trial)
             finally:
                 lock.release()
-            value = study.get_trials(deepcopy=False)[trial.number].value
             LOG.info(
                 "%s trial %d: %s%s",
                 spec.study,
                 trial.number,
-                state.name.lower(),
-                "" if value is None or math.isnan(value) else f" {value:.4f}",
+                ended.state.name.lower(),
+                "" if ended.value is None else f" {ended.value:.4f}",
             )
             done += 1
     return done

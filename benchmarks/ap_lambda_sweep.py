@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,9 +37,12 @@ import numpy as np
 import torch
 import yaml
 
-from pml_plugins.experiment import config as cfg_mod
-from pml_plugins.experiment import grid
-from pml_plugins.experiment import run as run_mod
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
+
+import grid  # noqa: E402, the workflow's grid
+
+from pml_plugins.experiment import config as cfg_mod  # noqa: E402
+from pml_plugins.experiment import run as run_mod  # noqa: E402
 from pml_plugins.trainers import AlternatingProjections
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # PML's trainers and testers print progress bars

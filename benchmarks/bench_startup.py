@@ -69,8 +69,8 @@ def main() -> None:
     parser.add_argument("--cell", default="MultiSimilarity/64/seed0")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
-    from pml_plugins.experiment import grid as grid_mod
+    sys.path[:0] = [str(REPO), str(REPO / "workflow" / "scripts")]
+    import grid as grid_mod
 
     cells = grid_mod.expand(yaml.safe_load((REPO / "config/config.yaml").read_text()))
     cell = cells[f"mnist_subset/{args.cell}"]

@@ -24,9 +24,11 @@ from pathlib import Path
 
 import yaml
 
-from pml_plugins.experiment import grid as grid_mod
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "workflow" / "scripts"))  # the workflow's grid
+
+import grid as grid_mod  # noqa: E402
+
 BASELINES = ["Contrastive", "TripletMargin", "MultiSimilarity", "ProxyAnchor"]
 
 

@@ -1,7 +1,12 @@
-"""Shared fixtures."""
+"""Shared fixtures; the workflow's scripts (workflow/scripts) are importable."""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
 
 
 @pytest.fixture(scope="module")

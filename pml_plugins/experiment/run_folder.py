@@ -20,8 +20,8 @@ restored by a resume anyway, see :mod:`.checkpoint`). Any other difference (loss
 learning rate, seed, embedding size, epochs, data, ...) is refused before anything is
 written, with the differing keys old -> new; train such a config into another ``--out``.
 Extending the epochs of a finished run is refused the same way: start a new run folder.
-The workflow's first step (:func:`.grid.write_cell`) uses the same rule to decide whether
-a run folder holds another experiment.
+The workflow's first step (``write_cell`` in workflow/scripts/grid.py) uses the same rule
+to decide whether a run folder holds another experiment.
 """
 
 from __future__ import annotations

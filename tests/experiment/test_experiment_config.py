@@ -4,12 +4,12 @@ import copy
 import dataclasses
 from pathlib import Path
 
+import grid
 import numpy as np
 import pytest
 import yaml
 
 from pml_plugins.experiment import config as cfg_mod
-from pml_plugins.experiment import grid
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

@@ -8,6 +8,7 @@ import csv
 import json
 from pathlib import Path
 
+import grid
 import numpy as np
 import pytest
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from pml_plugins import registry
 from pml_plugins.experiment import config as cfg_mod
-from pml_plugins.experiment import data, grid, run
+from pml_plugins.experiment import data, run
 from pml_plugins.experiment.datasets import _val_classes
 from pml_plugins.models.backbones import POOLINGS
 

@@ -15,13 +15,14 @@ import types
 from collections.abc import Iterator
 from pathlib import Path
 
+import grid
 import pytest
 import torch
 import yaml
 
 from pml_plugins.cli import main
-from pml_plugins.experiment import grid, run_folder
 from pml_plugins.experiment import run as run_mod
+from pml_plugins.experiment import run_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = ROOT / "examples" / "default.yaml"

@@ -376,9 +376,10 @@ def test_share_is_bounded_and_zero_without_the_term() -> None:
 
 def default_grid_setting():
     """The AlternatingProjections row of the default grid (64-d, seed 0): config and parts."""
+    import grid
+
     from pml_plugins.experiment import config as cfg_mod
     from pml_plugins.experiment import data as data_mod
-    from pml_plugins.experiment import grid
     from pml_plugins.experiment import run as run_mod
 
     cells = grid.expand(yaml.safe_load(GRID.read_text()))

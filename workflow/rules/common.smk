@@ -1,13 +1,26 @@
-# Helpers: the grid's cells, validated once at load time (pml_plugins.experiment.grid).
+# Helpers: the grid's cells, validated once at load time (scripts/grid.py).
 
 import json
+import shlex
+import sys
 
-from pml_plugins.experiment import grid as grid_mod
+#: the workflow's own code (the grid, the search plan, the GPU pool)
+SCRIPTS = os.path.join(workflow.basedir, "scripts")
+sys.path.insert(0, SCRIPTS)
+
+import grid as grid_mod
+
+
+def script(name):
+    """The path of one of the workflow's scripts (scripts/<name>)."""
+    return os.path.join(SCRIPTS, name)
+
+
+#: the launcher of a GPU job (a free GPU from the lock-file pool)
+GPU_POOL = f"python {shlex.quote(script('gpu_pool.py'))}"
 
 try:
-    CELLS = grid_mod.validate_grid(
-        config, schema_path=workflow.source_path("../schemas/config.schema.yaml")
-    )
+    CELLS = grid_mod.validate_grid(config)
     STUDIES = grid_mod.studies(config)
 except grid_mod.GridError as exc:
     raise WorkflowError(f"invalid grid config: {exc}") from None
@@ -47,8 +60,8 @@ def gpus_of(wildcards):
 
 
 def launcher(wildcards):
-    """GPU cells take a free GPU from the lock-file pool (pml_plugins.experiment.gpu_pool)."""
-    return "python -m pml_plugins.experiment.gpu_pool" if gpus_of(wildcards) else ""
+    """GPU cells take a free GPU from the lock-file pool (scripts/gpu_pool.py)."""
+    return GPU_POOL if gpus_of(wildcards) else ""
 
 
 def all_metrics():
@@ -146,7 +159,7 @@ def study_gpus(wildcards):
 
 
 def study_launcher(wildcards):
-    return "python -m pml_plugins.experiment.gpu_pool" if study_gpus(wildcards) else ""
+    return GPU_POOL if study_gpus(wildcards) else ""
 
 
 def ensemble_best(wildcards):

@@ -17,8 +17,9 @@ rule search_spec:
         CONTAINER
     params:
         spec=study_json,
+        write_spec=script("search_plan.py"),
     shell:
-        "python -m pml_plugins.experiment.search.plan {output:q} {params.spec:q} > {log:q} 2>&1"
+        "python {params.write_spec:q} {output:q} {params.spec:q} > {log:q} 2>&1"
 
 
 rule search:

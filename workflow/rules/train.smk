@@ -28,8 +28,9 @@ rule train:
         out=lambda wildcards, output: os.path.dirname(output.metrics),
         launcher=launcher,
         best=lambda wildcards, input: input.get("best", ""),
+        write_cell=script("grid.py"),
     shell:
-        "python -m pml_plugins.experiment.grid {output.cfg:q} {params.cell:q} {params.best:q} "
+        "python {params.write_cell:q} {output.cfg:q} {params.cell:q} {params.best:q} "
         ">> {log:q} 2>&1 && "
         "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} "
         "{params.launcher} pml-plugins train {output.cfg:q} --out {params.out:q} --resume "

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from pml_plugins.experiment import gpu_pool
+import gpu_pool
 
 REPORT = (
     "import os, sys, time; "
@@ -17,7 +17,7 @@ REPORT = (
 
 def launch(tmp_path, devices: str, hold_s: float) -> subprocess.Popen:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": devices, gpu_pool.LOCK_ENV: str(tmp_path)}
-    cmd = [sys.executable, "-m", "pml_plugins.experiment.gpu_pool"]
+    cmd = [sys.executable, gpu_pool.__file__]
     cmd += [sys.executable, "-c", REPORT, str(hold_s)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

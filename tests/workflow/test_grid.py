@@ -9,11 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grid
 import pytest
 import yaml
 
 from pml_plugins.experiment import config as cfg_mod
-from pml_plugins.experiment import grid
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_GRID = REPO / "config" / "config.yaml"
@@ -244,8 +244,7 @@ def test_write_cell_clears_a_run_of_another_config(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "pml_plugins.experiment.grid",
+            grid.__file__,
             str(run / "cell.yaml"),
             json.dumps(cell),
         ],

@@ -1,4 +1,4 @@
-"""One GPU per job on a multi-GPU machine: ``python -m pml_plugins.experiment.gpu_pool CMD...``.
+"""One GPU per job on a multi-GPU machine: ``python workflow/scripts/gpu_pool.py CMD...``.
 
 Snakemake's ``resources: gpu=1`` with ``--resources gpu=N`` only limits how many GPU jobs
 run at once; it does not say which GPU a job gets (it does not set
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["--"]:
         args = args[1:]
     if not args:
-        print("usage: python -m pml_plugins.experiment.gpu_pool COMMAND [ARGS...]", file=sys.stderr)
+        print("usage: python workflow/scripts/gpu_pool.py COMMAND [ARGS...]", file=sys.stderr)
         return 2
     devices = visible_devices()
     if len(devices) > 1:

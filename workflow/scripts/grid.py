@@ -34,14 +34,18 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import search_plan
 import yaml
 
-from .. import registry
-from . import config as cfg_mod
-from . import run_folder
+from pml_plugins import registry
+from pml_plugins.experiment import config as cfg_mod
+from pml_plugins.experiment import run_folder
+from pml_plugins.experiment.search.space import SearchSpaceError
+from pml_plugins.experiment.search.spec import SearchSpecError
+from pml_plugins.experiment.search.spec import validate as validate_search
 
-#: the grid schema, kept with the workflow (``workflow/schemas/config.schema.yaml``)
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+#: the grid schema (``workflow/schemas/config.schema.yaml``)
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
 
 class GridError(ValueError):
@@ -101,9 +105,7 @@ def expand(grid: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
                     cfg["output"] = f"{runs_dir}/{path}"
                     cells[path] = cfg
     if grid.get("search"):
-        from .search import plan
-
-        cells.update(plan.expand(grid, cells)[0])
+        cells.update(search_plan.expand(grid, cells)[0])
     return cells
 
 
@@ -111,9 +113,7 @@ def studies(grid: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """``{study path: search spec}`` of a grid's ``search`` block (empty without one)."""
     if not grid.get("search"):
         return {}
-    from .search import plan
-
-    return plan.expand(grid, expand({**grid, "search": None}))[1]
+    return search_plan.expand(grid, expand({**grid, "search": None}))[1]
 
 
 # ---------------------------------------------------------------- validation
@@ -148,7 +148,7 @@ def check_schema(grid: Any, schema_path: str | Path | None = None) -> None:
 
 def _check_data_root(dataset: str, block: Mapping[str, Any]) -> None:
     """The data set's folder exists (and has the expected layout, where that is known)."""
-    from . import data as data_mod
+    from pml_plugins.experiment import data as data_mod  # torch: only when data is checked
 
     if dataset in data_mod.EMBEDDED:
         return
@@ -175,7 +175,7 @@ def _check_data_root(dataset: str, block: Mapping[str, Any]) -> None:
 
 def _check_embedded_sampler(path: str, label: str, cfg: Mapping[str, Any], cache: dict) -> None:
     """Batch / sampler vs the labels, for the embedded data sets (cheap to load)."""
-    from . import data as data_mod
+    from pml_plugins.experiment import data as data_mod
 
     block = cfg["dataset"]
     if block["name"] not in data_mod.EMBEDDED or not cfg.get("sampler"):
@@ -213,10 +213,6 @@ def validate_grid(
         for dataset, block in grid["datasets"].items():
             block = {k: v for k, v in (block or {}).items() if k != "overrides"}
             _check_data_root(dataset, block)
-    from .search.space import SearchSpaceError
-    from .search.spec import SearchSpecError
-    from .search.spec import validate as validate_search
-
     try:
         cells = expand(grid)
         for study, spec in studies(grid).items():
@@ -263,10 +259,10 @@ def write_cell(cell: Mapping[str, Any], path: str | Path) -> bool:
 
     The training job calls ``pml-plugins train CELL --resume``, which continues from the
     run folder's checkpoints. Checkpoints of another config (the grid was edited; the keys
-    that may differ are :data:`.run_folder.ALLOWED_TO_DIFFER`, as for ``--resume``) must not
+    that may differ are :data:`pml_plugins.experiment.run_folder.ALLOWED_TO_DIFFER`, as for ``--resume``) must not
     be continued: their ``checkpoints/``, ``logs/``, metrics and run record are removed, so
     the run starts afresh. The folder is cleared under its lock: while a run still writes
-    it, this raises :class:`.run_folder.FolderLockedError` and removes nothing. Returns True
+    it, this raises :class:`pml_plugins.experiment.run_folder.FolderLockedError` and removes nothing. Returns True
     when an old run was cleared.
     """
     import shutil
@@ -301,7 +297,7 @@ def write_cell(cell: Mapping[str, Any], path: str | Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pml_plugins.experiment.grid CELL.yaml CELL_JSON [BEST_JSON]``: the
+    """``python workflow/scripts/grid.py CELL.yaml CELL_JSON [BEST_JSON]``: the
     workflow's first step of a training job, :func:`write_cell` of a cell given as JSON
     (a tuned cell: with the best parameters of its study's ``best.json``)."""
     import sys
@@ -309,13 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) not in (2, 3):
         print(
-            "usage: python -m pml_plugins.experiment.grid CELL.yaml CELL_JSON [BEST_JSON]",
+            "usage: python workflow/scripts/grid.py CELL.yaml CELL_JSON [BEST_JSON]",
             file=sys.stderr,
         )
         return 2
     cell = json.loads(args[1])
     if len(args) == 3 and args[2]:
-        from .search.report import tuned_config
+        from pml_plugins.experiment.search.report import tuned_config
 
         cell = tuned_config(cell, args[2])
     try:

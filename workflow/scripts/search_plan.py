@@ -24,7 +24,9 @@ from typing import Any
 
 import yaml
 
-from .space import SearchSpaceError, check_spaces
+from pml_plugins.experiment.files import atomic_write
+from pml_plugins.experiment.search.space import SearchSpaceError, check_spaces
+from pml_plugins.experiment.search.spec import validate
 
 TUNED, ENSEMBLE = "+tuned", "+ensemble"
 #: keys of the grid's search block copied into every study's spec
@@ -75,7 +77,7 @@ def study_path(dataset: str, label: str, dim: int) -> str:
 def expand(grid: Mapping[str, Any], cells: Mapping[str, dict[str, Any]]) -> tuple[dict, dict]:
     """``(tuned cells, study specs)`` of a grid with a ``search`` block.
 
-    ``cells`` are the grid's untuned cells (:func:`..grid.expand`). A tuned cell carries
+    ``cells`` are the grid's untuned cells (:func:`grid.expand`). A tuned cell carries
     ``tuning: {from: <study path>}`` until the workflow writes it with the study's best
     parameters; an ensemble cell also ``ensemble: true``.
     """
@@ -121,15 +123,12 @@ def expand(grid: Mapping[str, Any], cells: Mapping[str, dict[str, Any]]) -> tupl
 
 def write_spec(spec: Mapping[str, Any], path: str | Path) -> None:
     """Write a study's spec (validated) as YAML, atomically."""
-    from ..files import atomic_write
-    from .spec import validate
-
     validate(spec, where=f"search spec {path}")
     atomic_write(path, yaml.safe_dump(dict(spec), sort_keys=False))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pml_plugins.experiment.search.plan SPEC.yaml SPEC_JSON``: the workflow's
+    """``python workflow/scripts/search_plan.py SPEC.yaml SPEC_JSON``: the workflow's
     first step of a search, :func:`write_spec` of a spec given as JSON."""
     import json
     import sys
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
         print(
-            "usage: python -m pml_plugins.experiment.search.plan SPEC.yaml SPEC_JSON",
+            "usage: python workflow/scripts/search_plan.py SPEC.yaml SPEC_JSON",
             file=sys.stderr,
         )
         return 2

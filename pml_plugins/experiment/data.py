@@ -25,7 +25,6 @@ from torch.utils.data import Dataset
 from . import folds
 
 EMBEDDED = ("mnist_subset", "digits")
-IMAGE_DATASETS = ("cub200", "cars196", "sop", "inshop")
 
 
 class ArrayDataset(Dataset):

@@ -270,11 +270,6 @@ def wrap_miner(miner: torch.nn.Module | None) -> torch.nn.Module | None:
     return DistributedMiner(miner)
 
 
-def wrap(loss: torch.nn.Module, miner: torch.nn.Module | None = None):
-    """``(wrap_loss(loss), wrap_miner(miner))``."""
-    return wrap_loss(loss), wrap_miner(miner)
-
-
 def sync_gradients(params: Iterable[torch.nn.Parameter], size: int) -> None:
     """Sum the gradients of ``params`` over ranks and divide by ``size**2``.
 

@@ -53,7 +53,6 @@ from pytorch_metric_learning.utils.accuracy_calculator import (
 )
 from pytorch_metric_learning.utils.inference import return_results
 
-KNN_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 CLUSTERING_METRICS = ("NMI", "AMI", "F1")
 #: PML's metrics that :class:`Calculator` computes only when ``include`` names them
 OPT_IN_METRICS = ("mean_average_precision", "mean_reciprocal_rank")
@@ -305,11 +304,6 @@ def recall_hits(
     """
     same = label_comparison_fn(gt_labels, knn_labels[:, :k])
     return c_f.torch_all_from_dim_to_end(same, 2).any(dim=1)
-
-
-def recall_at_k(knn_labels: torch.Tensor, query_labels: torch.Tensor, k: int) -> float:
-    """Fraction of rows of ``knn_labels[:, :k]`` that contain the query's (1-D) label."""
-    return recall_hits(knn_labels, query_labels[:, None], k).float().mean().item()
 
 
 class Calculator(AccuracyCalculator):

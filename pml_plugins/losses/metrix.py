@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 from pytorch_metric_learning.losses import BaseLossWrapper
-from pytorch_metric_learning.miners import BaseMiner, MultiSimilarityMiner
+from pytorch_metric_learning.miners import BaseMiner
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
 
@@ -31,8 +31,6 @@ METRIX_LOSSES: dict[str, tuple[type, dict[str, Any]]] = {
     "multi_similarity": (SoftMultiSimilarityLoss, {"alpha": 17.97, "beta": 75.66, "base": 0.77}),
     "proxy_anchor": (SoftProxyAnchorLoss, {"margin": 0.1, "alpha": 32.0}),
 }
-#: Metrix's miner for the clean multi-similarity loss
-MS_MINER_EPSILON = 0.39
 MODES = ("embed", "feature", "input")
 
 
@@ -79,8 +77,8 @@ class MetrixLoss(BaseLossWrapper, ModuleWithRecords):
         weight: :math:`w`, the weight of the mixed loss (default 0.4).
         lam: a fixed :math:`\lambda` in [0, 1] instead of sampling (tests, ablations).
         miner: miner of the clean loss, used when no ``indices_tuple`` is given.
-            ``"default"``: ``MultiSimilarityMiner(epsilon=0.39)`` for multi-similarity, none
-            otherwise (Metrix's setting).
+            ``"default"``: the inner loss's ``metrix_miner()``, none if it has none (Metrix's
+            setting: ``MultiSimilarityMiner(epsilon=0.39)`` for multi-similarity).
         positives: ``"first"`` or ``"all"``, see above. ``None`` (default): the authors'
             choice for the mode, ``"all"`` in input mode and ``"first"`` otherwise.
         negatives: ``"all"`` mixes with every negative; ``"hardest"`` with each anchor's
@@ -165,11 +163,7 @@ class MetrixLoss(BaseLossWrapper, ModuleWithRecords):
         if anchor_pairs not in ("own", "all"):
             raise ValueError(f"anchor_pairs must be 'own' or 'all', got {anchor_pairs!r}")
         if miner == "default":
-            miner = (
-                MultiSimilarityMiner(epsilon=MS_MINER_EPSILON)
-                if isinstance(inner, SoftMultiSimilarityLoss)
-                else None
-            )
+            miner = inner.metrix_miner() if hasattr(inner, "metrix_miner") else None
         elif isinstance(miner, str):
             raise ValueError(f"miner must be a miner, None or 'default', got {miner!r}")
         self.loss = inner
@@ -222,10 +216,6 @@ class MetrixLoss(BaseLossWrapper, ModuleWithRecords):
             )
         cls, defaults = METRIX_LOSSES[loss]
         return cls(**{**defaults, **loss_kwargs})
-
-    @property
-    def uses_proxies(self) -> bool:
-        return isinstance(self.loss, SoftProxyAnchorLoss)
 
     def forward(
         self,
@@ -307,14 +297,10 @@ class MetrixLoss(BaseLossWrapper, ModuleWithRecords):
         points, NaN where the anchor does not see the point; (M, num_classes) memberships for
         Proxy-Anchor."""
         first, second, point = pairs.points
-        if self.uses_proxies:
-            n = self.loss.num_classes
-            one_hot = torch.nn.functional.one_hot
-            y = (
-                lam * one_hot(labels[first], n).double()
-                + (1 - lam) * one_hot(labels[second], n).double()
-            )
-            return y.to(dtype)
+        if self.loss.proxy_anchors:  # the anchors are the proxies, one per class
+            classes = torch.arange(self.loss.num_classes, device=labels.device)
+            y = mixed_labels(classes, labels[first], labels[second], lam)  # (C, M)
+            return y.T.contiguous().to(dtype)
         if self.anchor_pairs == "all":
             return mixed_labels(labels, labels[first], labels[second], lam).to(dtype)
         y = torch.full((len(labels), len(first)), float("nan"), dtype=dtype, device=labels.device)
@@ -338,10 +324,8 @@ class MetrixLoss(BaseLossWrapper, ModuleWithRecords):
         labels = c_f.to_device(labels, embeddings)
         dtype = compute_dtype(embeddings.dtype)
         y = self.mix_labels(labels, pairs, lam, dtype)
-        if self.uses_proxies:
-            mixed = self.loss.soft_loss(mixed_emb, y)
-        else:
-            mixed = self.loss.soft_loss(embeddings, mixed_emb, y)
+        anchors = () if self.loss.proxy_anchors else (embeddings,)  # or the loss's proxies
+        mixed = self.loss.soft_loss(*anchors, mixed_emb, y)
         self._record_mixed(mixed, pairs)
         return mixed
 
@@ -361,18 +345,15 @@ class MetrixLoss(BaseLossWrapper, ModuleWithRecords):
 
     def gram_path_applies(self) -> bool:
         """Whether :meth:`compute_embed_mixed_loss` skips building the mixed points: the inner
-        loss is one of the three soft-label losses (exactly), its distance is PML's cosine,
-        dot-product or Euclidean one, ``anchor_pairs="own"``, and for Proxy-Anchor there is
-        no embedding regularizer (it would need the mixed embeddings)."""
+        loss's own class (not a base class) declares ``supports_gram_path``, its distance is
+        PML's cosine, dot-product or Euclidean one, ``anchor_pairs="own"``, and for
+        Proxy-Anchor there is no embedding regularizer (it would need the mixed embeddings)."""
         loss = self.loss
-        if type(loss) not in (SoftContrastiveLoss, SoftMultiSimilarityLoss, SoftProxyAnchorLoss):
-            return False
-        if self.uses_proxies:
-            if loss.embedding_regularizer is not None:
-                return False
-        elif self.anchor_pairs != "own":
-            return False
-        return gram_distance_supported(loss.distance)
+        declared = vars(type(loss)).get("supports_gram_path", False)  # not inherited
+        own = (
+            loss.embedding_regularizer is None if loss.proxy_anchors else self.anchor_pairs == "own"
+        )
+        return declared and own and gram_distance_supported(loss.distance)
 
     def compute_embed_mixed_loss(
         self, embeddings: torch.Tensor, labels: torch.Tensor, pairs: MixedPairs, lam: float
@@ -383,12 +364,10 @@ class MetrixLoss(BaseLossWrapper, ModuleWithRecords):
         Contrastive and MS: the distances of each row's anchor to its mixed points, (R, B)
         from the Gram matrix (:func:`~pml_plugins.losses.metrix_gram.row_distances`):
         O(B^2 d + R B), R = B rows with ``positives="first"``, instead of O(B M d) for the
-        M mixed points. Proxy-Anchor: the (M, C) distances to the proxies from
-        :math:`E P^\top` (:func:`~pml_plugins.losses.metrix_gram.proxy_distances`). The loss
-        itself comes from the inner loss's public methods: contrastive's terms are per pair
-        (``pair_loss_dict``, with the generic path's indices), MS's per anchor, over its
-        rows (``rows_loss_dict``), Proxy-Anchor's per proxy (``mat_loss_dict``). Same loss,
-        reducer input and stats as the generic path up to rounding, except that the
+        M mixed points, to the inner loss's ``mixed_loss_dict``. Proxy-Anchor: the (M, C)
+        distances to the proxies from :math:`E P^\top`
+        (:func:`~pml_plugins.losses.metrix_gram.proxy_distances`), to its ``mat_loss_dict``.
+        Same loss, reducer input and stats as the generic path up to rounding, except that the
         Euclidean distance of a mixed point that is its own anchor (λ = 1) is exactly 0, and
         that Proxy-Anchor's reducer gets the clean embeddings instead of the mixed ones
         (PML's reducers use them for dtype, device and zero losses only).
@@ -401,23 +380,15 @@ class MetrixLoss(BaseLossWrapper, ModuleWithRecords):
         loss = self.loss
         loss.reset_stats()
         gram = matmul_fp32(embeddings, embeddings.T)
-        if self.uses_proxies:
+        if loss.proxy_anchors:
             loss.cast_types(embeddings.dtype, embeddings.device)
             first, second, _ = pairs.points
-            dist = proxy_distances(
-                loss.distance, embeddings, loss.proxies, gram, first, second, lam
-            )
-            loss_dict = loss.mat_loss_dict(dist, self.mix_labels(labels, pairs, lam, dtype))
+            mat = proxy_distances(loss.distance, embeddings, loss.proxies, gram, first, second, lam)
+            loss_dict = loss.mat_loss_dict(mat, self.mix_labels(labels, pairs, lam, dtype))
         else:
             mat = row_distances(loss.distance, gram, pairs, lam)
             y = torch.tensor(lam, dtype=torch.float64).to(dtype)  # every pair's label
-            if isinstance(loss, SoftContrastiveLoss):  # per pair
-                rows, seconds = pairs.entries
-                loss_dict = loss.pair_loss_dict(
-                    mat[rows, seconds], y.expand(len(rows)), pairs.pair_anchors(), pairs.points[2]
-                )
-            else:  # per anchor, over all its rows
-                loss_dict = loss.rows_loss_dict(mat, pairs.seen, y, pairs.anchors, pairs.batch_size)
+            loss_dict = loss.mixed_loss_dict(mat, pairs, y)
             record_distance_stats(
                 loss.distance,
                 gram.diagonal,

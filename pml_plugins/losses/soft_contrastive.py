@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from pytorch_metric_learning.losses import ContrastiveLoss
 
+from .metrix_pairs import MixedPairs
 from .soft_labels import check_soft_labels, reduce_loss_dict
 
 
@@ -35,7 +36,7 @@ class SoftContrastiveLoss(ContrastiveLoss):
 
     The loss dict before reduction comes from the embeddings (:meth:`soft_loss_dict`), from
     their distance matrix (:meth:`mat_loss_dict`) or from the pairs' distances
-    (:meth:`pair_loss_dict`, with the indices the reducer gets).
+    (:meth:`pair_loss_dict`, with the indices the reducer gets; :meth:`mixed_loss_dict`).
 
     Args:
         pos_margin: :math:`m^+` (PML's default 0; Metrix uses 0).
@@ -54,6 +55,9 @@ class SoftContrastiveLoss(ContrastiveLoss):
     sub-losses by ``y > 0`` / ``y < 1``, the NaN convention and keeping PML's margins as
     defaults (so that 0/1 labels give PML's loss) are project decisions.
     """
+
+    supports_gram_path = True  #: MetrixLoss's Gram path (:meth:`mixed_loss_dict`), this class only
+    proxy_anchors = False  #: the soft-label loss's anchors are embeddings, not proxies
 
     def soft_loss(
         self, anchors: torch.Tensor, others: torch.Tensor, y: torch.Tensor
@@ -75,6 +79,13 @@ class SoftContrastiveLoss(ContrastiveLoss):
         :meth:`pair_loss_dict` of the entries (row, column) whose label is not NaN."""
         a, o = torch.where(~torch.isnan(y))
         return self.pair_loss_dict(mat[a, o], y[a, o], a, o)
+
+    def mixed_loss_dict(self, mat: torch.Tensor, pairs: MixedPairs, y: torch.Tensor) -> dict:
+        """PML's loss dict of Metrix's mixed ``pairs`` of label ``y`` (0-d) from their (R, B)
+        row distances ``mat``: :meth:`pair_loss_dict` of ``pairs.entries``, (anchor, point)."""
+        rows, seconds = pairs.entries
+        y = y.expand(len(rows))
+        return self.pair_loss_dict(mat[rows, seconds], y, pairs.pair_anchors(), pairs.points[2])
 
     def pair_loss_dict(
         self, dists: torch.Tensor, y: torch.Tensor, anchors: torch.Tensor, others: torch.Tensor

@@ -6,9 +6,11 @@ import math
 
 import torch
 from pytorch_metric_learning.losses import MultiSimilarityLoss
+from pytorch_metric_learning.miners import BaseMiner, MultiSimilarityMiner
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from .metrix_pairs import MixedPairs
 from .soft_labels import check_soft_labels, pair_label_matrix, reduce_loss_dict, weighted_logsumexp
 
 
@@ -42,8 +44,8 @@ class SoftMultiSimilarityLoss(MultiSimilarityLoss):
 
     The loss dict before reduction comes from the embeddings (:meth:`soft_loss_dict`), from
     their similarity matrix (:meth:`mat_loss_dict`), or from rows of similarities whose
-    pairs share one label, several rows per anchor (:meth:`rows_loss_dict`, Metrix's
-    mixed pairs).
+    pairs share one label, several rows per anchor (:meth:`rows_loss_dict`; Metrix's mixed
+    pairs: :meth:`mixed_loss_dict`).
 
     Args:
         alpha, beta, base: as PML (defaults 2, 50, 0.5). Metrix uses 17.97, 75.66, 0.77,
@@ -58,6 +60,14 @@ class SoftMultiSimilarityLoss(MultiSimilarityLoss):
     form, not the released code's MS + Metrix loss, whose bugs are not
     reproduced. The NaN convention and PML's defaults are project decisions.
     """
+
+    supports_gram_path = True  #: MetrixLoss's Gram path (:meth:`mixed_loss_dict`), this class only
+    proxy_anchors = False  #: the soft-label loss's anchors are embeddings, not proxies
+
+    @staticmethod
+    def metrix_miner() -> BaseMiner:
+        """Metrix's miner of the clean MS loss (``MetrixLoss``'s default)."""
+        return MultiSimilarityMiner(epsilon=0.39)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         c_f.labels_or_indices_tuple_required(labels, indices_tuple)
@@ -138,6 +148,11 @@ class SoftMultiSimilarityLoss(MultiSimilarityLoss):
             rows = rows + (math.log(weight) - coef * self.base)
             terms.append(grouped_log1p_exp_sum(rows, anchors, num_anchors).unsqueeze(1))
         return self._terms_loss_dict(*terms)
+
+    def mixed_loss_dict(self, mat: torch.Tensor, pairs: MixedPairs, y: torch.Tensor) -> dict:
+        """PML's loss dict of Metrix's mixed ``pairs`` of label ``y`` (0-d) from their (R, B)
+        row distances ``mat``: :meth:`rows_loss_dict`, one value per batch sample."""
+        return self.rows_loss_dict(mat, pairs.seen, y, pairs.anchors, pairs.batch_size)
 
     def _terms_loss_dict(self, pos: torch.Tensor, neg: torch.Tensor) -> dict:
         """The loss dict of the positive and negative terms' log sums (A, 1)."""

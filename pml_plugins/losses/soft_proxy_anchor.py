@@ -62,6 +62,9 @@ class SoftProxyAnchorLoss(ProxyAnchorLoss):
     Proxy-Anchor + Metrix path.
     """
 
+    supports_gram_path = True  #: MetrixLoss's Gram path (distances to proxies), this class only
+    proxy_anchors = True  #: the soft-label loss's anchors are the proxies
+
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         c_f.labels_required(labels)
         c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)

@@ -390,6 +390,19 @@ def test_default_miner_enters_clean_ms_loss_only():
     assert MetrixLoss("multi_similarity", miner=None).miner is None
 
 
+def test_default_miner_is_the_one_the_inner_loss_declares():
+    """``miner="default"``: the inner loss's ``metrix_miner()`` (MS, given by name or as an
+    instance: a new ``MultiSimilarityMiner(epsilon=0.39)`` each), none for a loss without
+    one (contrastive, Proxy-Anchor)."""
+    first, second = MetrixLoss(SoftMultiSimilarityLoss(**MS)), MetrixLoss(SoftMultiSimilarityLoss())
+    for loss in (first, second):
+        assert type(loss.miner) is MultiSimilarityMiner and loss.miner.epsilon == 0.39
+    assert first.miner is not second.miner
+    assert MetrixLoss(SoftContrastiveLoss()).miner is None
+    assert MetrixLoss(SoftProxyAnchorLoss(num_classes=3, embedding_size=4)).miner is None
+    assert MetrixLoss("proxy_anchor", num_classes=3, embedding_size=4).miner is None
+
+
 @pytest.mark.parametrize("mode", ["feature", "input"])
 def test_feature_and_input_modes_return_the_clean_loss(mode):
     emb, labels = random_batch(12, 8, n_classes=3, seed=10)

@@ -311,3 +311,102 @@ def test_metrix_leaves_the_inner_losss_formula_to_it():
     names = {node.id for node in ast.walk(gram) if isinstance(node, ast.Name)}
     names |= {node.arg for node in ast.walk(gram) if isinstance(node, ast.arg)}
     assert "loss" not in names
+
+
+def doubled(base: type) -> type:
+    """A subclass of ``base`` with its own formula (each term of ``mat_loss_dict`` doubled),
+    under ``base``'s name: MetrixLoss accepts the three class names only, as PML's wrappers."""
+
+    def mat_loss_dict(self, *args):
+        loss_dict = base.mat_loss_dict(self, *args)
+        for term in loss_dict.values():
+            term["losses"] = 2 * term["losses"]
+        return loss_dict
+
+    return type(base.__name__, (base,), {"mat_loss_dict": mat_loss_dict})
+
+
+@pytest.mark.parametrize(
+    "base", [SoftContrastiveLoss, SoftMultiSimilarityLoss, SoftProxyAnchorLoss]
+)
+def test_a_subclass_takes_the_gram_path_only_where_it_declares_it(base):
+    """``supports_gram_path`` is read from the inner loss's own class: a subclass that changes
+    the formula inherits the attribute but not the Gram path (which would skip its formula),
+    unless it declares the attribute again."""
+    kwargs = {"num_classes": 5, "embedding_size": 6} if base is SoftProxyAnchorLoss else {}
+    torch.manual_seed(3)
+    plain = MetrixLoss(base(**kwargs)).double()
+    torch.manual_seed(3)
+    sub = MetrixLoss(doubled(base)(**kwargs)).double()
+    assert plain.gram_path_applies() and sub.loss.supports_gram_path
+    assert not sub.gram_path_applies()
+    emb, _ = random_batch(len(LABELS), 6, seed=21)
+    pairs = sub.mixing_pairs(LABELS, emb)
+    got = sub.compute_embed_mixed_loss(emb, LABELS, pairs, 0.3)
+    assert got == generic(sub, emb, LABELS, pairs, 0.3)
+    want = 2 * plain.compute_embed_mixed_loss(emb, LABELS, pairs, 0.3)
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+    declared = type(base.__name__, (base,), {"supports_gram_path": True})
+    assert MetrixLoss(declared(**kwargs)).gram_path_applies()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("positives", ["first", "all"])
+@pytest.mark.parametrize("loss_name", ["contrastive", "multi_similarity"])
+def test_mixed_loss_dict_is_the_former_per_pair_and_per_row_call(loss_name, positives, dtype):
+    """The inner loss's ``mixed_loss_dict`` equals, to the bit (losses, gradient, indices),
+    what MetrixLoss called before it chose by type: contrastive's ``pair_loss_dict`` of the
+    pairs in ``entries`` order with (anchor, mixed point) indices, MS's ``rows_loss_dict``."""
+    inner = INNER[loss_name](DISTANCES["euclid" if loss_name == "contrastive" else "cosine"]())
+    for seed in range(4):
+        gen = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, 5, (24,), generator=gen)
+        emb = torch.randn(24, 6, generator=gen, dtype=dtype).requires_grad_(True)
+        pairs = MetrixLoss(inner, positives=positives).mixing_pairs(labels, emb)
+        lam = float(torch.rand(1, generator=gen))
+        mat = row_distances(inner.distance, matmul_fp32(emb, emb.T), pairs, lam)
+        y = torch.tensor(lam, dtype=torch.float64).to(dtype)
+        got = inner.mixed_loss_dict(mat, pairs, y)
+        if loss_name == "contrastive":
+            rows, seconds = pairs.entries
+            anchors, points = pairs.pair_anchors(), pairs.points[2]
+            want = inner.pair_loss_dict(mat[rows, seconds], y.expand(len(rows)), anchors, points)
+        else:
+            want = inner.rows_loss_dict(mat, pairs.seen, y, pairs.anchors, pairs.batch_size)
+        assert got.keys() == want.keys()
+        for name in got:
+            a, b = got[name], want[name]
+            assert a.keys() == b.keys() and a["reduction_type"] == b["reduction_type"]
+            assert torch.equal(a["losses"], b["losses"])
+            grads = [
+                torch.autograd.grad(x["losses"].sum(), emb, retain_graph=True)[0] for x in (a, b)
+            ]
+            assert torch.equal(*grads)
+            indices = [
+                x["indices"] if isinstance(x["indices"], tuple) else (x["indices"],) for x in (a, b)
+            ]
+            assert all(torch.equal(i, j) for i, j in zip(*indices, strict=True))
+
+
+def test_metrix_names_the_soft_losses_only_in_its_table():
+    """MetrixLoss tests no inner loss's class (``isinstance``, ``type(...) in``): each soft
+    loss's class is named once in metrix.py's code, in ``METRIX_LOSSES``; what differs between
+    the losses is what each declares (``proxy_anchors``, ``supports_gram_path``,
+    ``metrix_miner``, ``mixed_loss_dict``)."""
+    import ast
+    import inspect
+
+    from pml_plugins.losses import metrix
+
+    classes = {"SoftContrastiveLoss", "SoftMultiSimilarityLoss", "SoftProxyAnchorLoss"}
+    tree = ast.parse(inspect.getsource(metrix))
+    named = [
+        node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and node.id in classes
+    ]
+    assert sorted(named) == sorted(classes)
+    table = next(
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "METRIX_LOSSES"
+    )
+    assert {node.id for node in ast.walk(table) if isinstance(node, ast.Name)} >= classes

@@ -36,7 +36,6 @@ SOURCE = (
     "and cars_annos.mat) or its mirror "
     "https://www.kaggle.com/datasets/jutrera/stanford-car-dataset-by-classes-folder"
 )
-CAN_DOWNLOAD = True
 SPLITS = ("train", "test")
 OFFICIAL_SIZES = {"train": 8054, "test": 8131}
 LAYOUT = (

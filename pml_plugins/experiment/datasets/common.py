@@ -32,13 +32,9 @@ class DatasetFormatError(FileNotFoundError, ValueError):
     """
 
 
-def missing_images(paths: Sequence[str]) -> list[str]:
-    return [p for p in paths if not os.path.isfile(p)]
-
-
 def check_images_exist(name: str, paths: Sequence[str], list_file: str | Path) -> None:
     """Every image named by the list files must be on disk; name the first few that are not."""
-    missing = missing_images(paths)
+    missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         shown = "\n  ".join(missing[:5])
         more = f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -56,11 +52,10 @@ def read_table(
     skip: int = 0,
     sep: str | None = None,
     name: str,
-    min_columns: int | None = None,
 ) -> list[list[str]]:
     """Rows of a whitespace- (or ``sep``-) separated list file, each with ``len(columns)``
-    fields (at least ``min_columns`` where given); a malformed line raises
-    :class:`DatasetFormatError` naming the file, the line and the expected columns."""
+    fields; a malformed line raises :class:`DatasetFormatError` naming the file, the line
+    and the expected columns."""
     path = Path(path)
     if not path.is_file():
         raise DatasetFormatError(f"{name}: the list file {path} is missing")
@@ -71,8 +66,7 @@ def read_table(
             if lineno <= skip or not line.strip():
                 continue
             fields = [x.strip() for x in line.strip().split(sep)]
-            ok = len(fields) >= min_columns if min_columns is not None else len(fields) == want
-            if not ok:
+            if len(fields) != want:
                 raise DatasetFormatError(
                     f"{name}: {path}, line {lineno}: expected {want} columns "
                     f"({' '.join(columns)}), got {len(fields)}: {line.strip()!r}"
@@ -106,6 +100,8 @@ class RGBImages:
     target_transform: Callable | None
     #: the original class id of every sample (``labels`` may be remapped to 0..C-1)
     class_ids: np.ndarray
+    #: the folder the image paths are relative to (set in ``generate_split``)
+    data_dir: Path
     #: a short name of the data set, used in messages
     NAME = "dataset"
 
@@ -114,9 +110,6 @@ class RGBImages:
         self.labels = np.asarray(self.labels, dtype=np.int64)
         self.class_ids = self.labels.copy()
         check_images_exist(self.NAME, self.paths, list_file)
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
     def __getitem__(self, idx: int) -> tuple[Any, int]:
         with Image.open(self.paths[idx]) as img:
@@ -140,11 +133,10 @@ class RGBImages:
     def fingerprint(self) -> str:
         """A hash of the image paths (relative to the data folder) and the class ids."""
         h = hashlib.sha256()
-        root = str(getattr(self, "data_dir", ""))
         for p in self.paths:
-            h.update(os.path.relpath(p, root).encode() if root else p.encode())
+            h.update(os.path.relpath(p, self.data_dir).encode())
             h.update(b"\0")
-        h.update(np.asarray(self.class_ids, dtype=np.int64).tobytes())
+        h.update(self.class_ids.tobytes())
         return h.hexdigest()[:16]
 
 
@@ -155,7 +147,7 @@ def find_data_dir(root: str | Path, folder: str, marker: str) -> Path | None:
     ``Stanford_Online_Products``); ``dataset.root`` may name that folder or its parent.
     """
     root = Path(root)
-    for candidate in (root / folder, root) if folder else (root,):
+    for candidate in (root / folder, root):
         if (candidate / marker).exists():
             return candidate
     return None

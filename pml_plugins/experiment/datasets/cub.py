@@ -24,7 +24,6 @@ from .common import (
 NAME = "cub200"
 FOLDER = "CUB_200_2011"
 SOURCE = "https://www.vision.caltech.edu/datasets/cub_200_2011/"
-CAN_DOWNLOAD = True
 SPLITS = ("train", "test")
 OFFICIAL_SIZES = {"train": 5864, "test": 5924}
 LAYOUT = (

@@ -23,7 +23,6 @@ SOURCE = (
     "'In-shop Clothes Retrieval Benchmark' folder: Eval/list_eval_partition.txt and "
     "Img/img.zip, extracted; it cannot be downloaded automatically)"
 )
-CAN_DOWNLOAD = False
 SPLITS = ("train", "query", "gallery")
 OFFICIAL_SIZES = {"train": 25882, "query": 14218, "gallery": 12612}
 LAYOUT = (

@@ -25,7 +25,6 @@ from .common import (
 NAME = "sop"
 FOLDER = "Stanford_Online_Products"
 SOURCE = "https://cvgl.stanford.edu/projects/lifted_struct/"
-CAN_DOWNLOAD = True
 SPLITS = ("train", "test")
 OFFICIAL_SIZES = {"train": 59551, "test": 60502}
 LAYOUT = (

@@ -103,12 +103,7 @@ class Cars196RGB(RGBImages, Cars196):
     def generate_split(self) -> None:
         root = Path(self.root)
         self.data_dir = root
-        if self.split == "train":
-            classes = set(range(1, 99))
-        elif self.split == "test":
-            classes = set(range(99, 197))
-        else:
-            classes = set(range(1, 197))
+        classes = {"train": range(1, 99), "test": range(99, 197)}.get(self.split, range(1, 197))
         layout = _layout(root)
         if layout == "mat":
             list_file = root / "cars_annos.mat"
@@ -122,9 +117,8 @@ class Cars196RGB(RGBImages, Cars196):
         for c in labels:
             if not 1 <= c <= 196:
                 raise DatasetFormatError(f"{NAME}: {list_file}: class id {c} is not in 1..196")
-        keep = [c in classes for c in labels]
-        self.paths = [p for p, k in zip(paths, keep, strict=True) if k]
-        self.labels = [c for c, k in zip(labels, keep, strict=True) if k]
+        self.paths = [p for p, c in zip(paths, labels, strict=True) if c in classes]
+        self.labels = [c for c in labels if c in classes]
         self._finish_split(list_file)
 
     def _read_csv(self, root: Path) -> tuple[list[str], list[int]]:

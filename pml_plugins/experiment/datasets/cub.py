@@ -68,12 +68,7 @@ class CUB200(RGBImages, CUB):
                 f"{NAME}: {images_file} lists {len(images)} images but {labels_file} "
                 f"labels {len(labels)}"
             )
-        if self.split == "train":
-            classes = set(range(1, 101))
-        elif self.split == "test":
-            classes = set(range(101, 201))
-        else:
-            classes = set(range(1, 201))
+        classes = {"train": range(1, 101), "test": range(101, 201)}.get(self.split, range(1, 201))
         self.paths, self.labels = [], []
         for (id1, rel), (id2, cls) in zip(images, labels, strict=True):
             if id1 != id2:

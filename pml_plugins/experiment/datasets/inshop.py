@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 from pytorch_metric_learning.datasets.base_dataset import BaseDataset
 
 from .common import DatasetFormatError, RGBImages, layout_error, read_table
@@ -103,8 +102,7 @@ class InShop(RGBImages, BaseDataset):
                 f"{NAME}: {list_file}: evaluation_status must be one of {', '.join(SPLITS)}, "
                 f"got {', '.join(sorted(unknown))}"
             )
-        self.paths = [os.path.join(image_dir, r[0]) for r in rows if r[2] == self.split]
-        self.labels = np.array(
-            [item_number(r[1]) for r in rows if r[2] == self.split], dtype=np.int64
-        )
+        rows = [r for r in rows if r[2] == self.split]
+        self.paths = [os.path.join(image_dir, r[0]) for r in rows]
+        self.labels = [item_number(r[1]) for r in rows]
         self._finish_split(list_file)

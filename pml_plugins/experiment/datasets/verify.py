@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -29,9 +28,7 @@ from pathlib import Path
 import PIL
 from PIL import Image
 
-from .common import DatasetFormatError
-
-LOG = logging.getLogger("pml_plugins")
+from .common import LOG, DatasetFormatError
 
 #: bumped when what counts as a verified image changes (so old cache entries are ignored)
 CHECK_VERSION = 1
@@ -91,12 +88,7 @@ def decode_error(path: str) -> str | None:
 
 def _decode_chunk(paths: Sequence[str]) -> list[tuple[str, str]]:
     """``(path, reason)`` for each bad image of ``paths``."""
-    bad = []
-    for path in paths:
-        reason = decode_error(path)
-        if reason is not None:
-            bad.append((path, reason))
-    return bad
+    return [(path, reason) for path in paths if (reason := decode_error(path)) is not None]
 
 
 def find_bad_images(paths: Sequence[str], workers: int | None = None) -> list[tuple[str, str]]:
@@ -104,8 +96,6 @@ def find_bad_images(paths: Sequence[str], workers: int | None = None) -> list[tu
     ``(path, reason)`` of each one that fails, in the order of ``paths``."""
     workers = workers or os.cpu_count() or 1
     chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
-    if workers == 1 or len(chunks) == 1:
-        return [bad for chunk in chunks for bad in _decode_chunk(chunk)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return [bad for result in pool.map(_decode_chunk, chunks) for bad in result]
 

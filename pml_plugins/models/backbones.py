@@ -71,25 +71,18 @@ class MapTrunk(Protocol):
     def pool(self, maps: torch.Tensor) -> torch.Tensor: ...
 
 
-def _resolve_weights(enum: Any, weights: str | None, trunk: str) -> Any:
-    if weights is None:
-        return None
-    try:
-        return enum.verify(weights)
-    except (KeyError, ValueError, TypeError):
-        allowed = [w.name for w in enum]
-        raise ValueError(
-            f"{trunk}: weights={weights!r} is not one of torchvision's {allowed} "
-            f"(or null for random initialisation)"
-        ) from None
-
-
 def load_torchvision(
     builder: Callable[..., nn.Module], enum: Any, weights: str | None, trunk: str, **kwargs: Any
 ) -> nn.Module:
     """``builder(weights=..., **kwargs)``, with a download failure turned into a
     :class:`WeightsNotFoundError` naming the file and the cache folder."""
-    resolved = _resolve_weights(enum, weights, trunk)
+    try:
+        resolved = enum.verify(weights)  # None stays None: random initialisation
+    except (KeyError, ValueError, TypeError):
+        raise ValueError(
+            f"{trunk}: weights={weights!r} is not one of torchvision's {[w.name for w in enum]} "
+            f"(or null for random initialisation)"
+        ) from None
     try:
         return builder(weights=resolved, **kwargs)
     except OSError as exc:  # urllib's URLError / HTTPError, socket errors, a read-only cache
@@ -215,6 +208,3 @@ class GoogLeNet(_Backbone):
         for name in ("inception4d", "inception4e", "maxpool4", "inception5a", "inception5b"):
             x = getattr(n, name)(x)
         return x
-
-    def pool(self, maps: torch.Tensor) -> torch.Tensor:
-        return self.net.fc(self.net.dropout(torch.flatten(self.net.avgpool(maps), 1)))

@@ -38,12 +38,10 @@ class SmallCNN(nn.Module):
 
     def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
         """The last block's maps (B, output_size, H/4, W/4), before pooling."""
-        for layer in self.features[:-2]:
-            x = layer(x)
-        return x
+        return self.features[:-2](x)
 
     def pool(self, maps: torch.Tensor) -> torch.Tensor:
-        return self.features[-1](self.features[-2](maps))
+        return self.features[-2:](maps)
 
     def forward(self, x: torch.Tensor, pooled: bool = True) -> torch.Tensor:
         maps = self.feature_maps(x)

@@ -233,12 +233,15 @@ def label_match_counts(
     8 bytes per entry at its peak (0.49 GB at 2,857 classes x 20,000 items).
     """
     unique = torch.unique(query_labels)
-    ref_unique, ref_counts = torch.unique(reference_labels, return_counts=True)
-    if len(ref_unique) == 0:
-        return unique, torch.zeros(len(unique), dtype=torch.long, device=unique.device)
-    pos = torch.searchsorted(ref_unique, unique).clamp(max=len(ref_unique) - 1)
-    found = ref_unique[pos] == unique
-    return unique, torch.where(found, ref_counts[pos], torch.zeros_like(ref_counts[pos]))
+    return unique, _counts_of(unique, *torch.unique(reference_labels, return_counts=True))
+
+
+def _counts_of(labels: torch.Tensor, unique: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per label, ``counts[j]`` where ``unique[j]`` (sorted) is that label, else 0."""
+    if len(unique) == 0:
+        return torch.zeros(len(labels), dtype=torch.long, device=labels.device)
+    pos = torch.searchsorted(unique, labels).clamp(max=len(unique) - 1)
+    return torch.where(unique[pos] == labels, counts[pos], 0)
 
 
 def sorted_label_counts(
@@ -283,27 +286,11 @@ def relevance_mask(
     label missing from ``label_counts`` gets R_i = 0, as in PML.
     """
     unique, counts = sorted_label_counts(label_counts, gt_labels.device)
-    count_per_query = torch.zeros(len(gt_labels), dtype=torch.long, device=gt_labels.device)
-    if len(unique) > 0:
-        unique = unique.to(gt_labels.dtype)
-        pos = torch.searchsorted(unique, gt_labels).clamp(max=len(unique) - 1)
-        found = unique[pos] == gt_labels
-        count_per_query[found] = counts[pos[found]] - int(ref_includes_query)
+    count_per_query = _counts_of(
+        gt_labels, unique.to(gt_labels.dtype), counts - int(ref_includes_query)
+    )
     columns = torch.arange(num_k, device=gt_labels.device)
     return columns.unsqueeze(0) < count_per_query.unsqueeze(1), count_per_query
-
-
-def recall_hits(
-    knn_labels: torch.Tensor, gt_labels: torch.Tensor, k: int, label_comparison_fn=EQUALITY
-) -> torch.Tensor:
-    """Per query: whether one of its first ``k`` neighbours matches its label.
-
-    ``gt_labels`` is ``query_labels[:, None]`` and ``label_comparison_fn(gt, knn)`` is
-    PML's label comparison (an (N x k) table, or (N x k x label dims) for equality on
-    multi-dimensional labels, where every dimension must match).
-    """
-    same = label_comparison_fn(gt_labels, knn_labels[:, :k])
-    return c_f.torch_all_from_dim_to_end(same, 2).any(dim=1)
 
 
 class Calculator(AccuracyCalculator):
@@ -530,13 +517,10 @@ class Calculator(AccuracyCalculator):
         self, knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts, **kw
     ):
         """PML's R-precision; the relevance mask from :func:`relevance_mask` (1-D labels)."""
+        args = (knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts)
         if not self._fast_labels(query_labels):
-            return super().calculate_r_precision(
-                knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts
-            )
-        parts = self._at_r(
-            knn_labels, query_labels, not_lone_query_mask, ref_includes_query, label_counts
-        )
+            return super().calculate_r_precision(*args)
+        parts = self._at_r(*args)
         if parts is None:
             return nan_accuracy(label_counts[0], self.return_per_class)
         same_label, mask, _, gt = parts
@@ -598,7 +582,10 @@ class Calculator(AccuracyCalculator):
                 )
                 return nan_accuracy(label_counts[0], self.return_per_class)
             gt = query_labels[:, None]
-            hits = recall_hits(neighbours, gt, k, self.label_comparison_fn)
+            # a hit: one of the first k neighbours matches (the comparison gives N x k, or
+            # N x k x label dims for equality on multi-dimensional labels: all must match)
+            same = self.label_comparison_fn(gt, neighbours[:, :k])
+            hits = c_f.torch_all_from_dim_to_end(same, 2).any(dim=1)
             if not (self.avg_of_avgs or self.return_per_class):
                 return hits.float().mean().item()
             return maybe_get_avg_of_avgs(hits.double(), gt, self.avg_of_avgs, self.return_per_class)

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,6 @@ from .amp import with_amp
 from .evaluate import Calculator
 
 LOG = logging.getLogger("pml_plugins")
-STATE_PREFIX = checkpoint.STATE_PREFIX
 CLUSTERING_MAX_CLASSES = 5000
 #: record-keeper logs losses and component stats every LOG_FREQ iterations
 LOG_FREQ = 5
@@ -76,7 +75,6 @@ class Prepared:
     finished: bool = False
     reuse_untrained: bool = False
     resume: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def default_output(config: Mapping[str, Any]) -> Path:
@@ -108,9 +106,8 @@ def seed_everything(seed: int) -> None:
     c_f.NUMPY_RANDOM = np.random.RandomState(seed)
 
 
-def latest_checkpoint(folder: Path) -> int:
-    """The last epoch whose checkpoint was completely written (0 if none)."""
-    return checkpoint.latest(folder)
+#: the last epoch whose checkpoint was completely written (0 if none)
+latest_checkpoint = checkpoint.latest
 
 
 def prepare(
@@ -121,7 +118,7 @@ def prepare(
     out = Path(out or config.get("output") or default_output(config))
     config["output"] = str(out)
     device = resolve_device(config["device"])
-    if config["amp"] != "off" and device.type != "cuda" and config["amp"] == "fp16":
+    if config["amp"] == "fp16" and device.type != "cuda":
         raise cfg_mod.ConfigError("amp: 'fp16' needs a CUDA device; use 'bf16' or 'off' on the CPU")
     resume_epoch, finished, same = check_folder(config, out, resume)
     try:
@@ -174,14 +171,9 @@ def check_folder(config: Mapping[str, Any], out: Path, resume: bool) -> tuple[in
 # ---------------------------------------------------------------- building
 
 
-def _with_runtime_kwargs(spec: Any, kind: str, **available: Any) -> Any:
-    """Build ``spec``, passing the ``available`` kwargs that its class accepts."""
-    return registry.build_accepting(spec, kind, **available)
-
-
 def build_models(config: Mapping[str, Any], sample: torch.Tensor) -> dict[str, torch.nn.Module]:
     mcfg = config["model"]
-    trunk = _with_runtime_kwargs(
+    trunk = registry.build_accepting(
         mcfg["trunk"], "models", in_channels=int(sample.shape[0]), image_size=sample.shape[-1]
     )
     in_features = getattr(trunk, "output_size", None)
@@ -196,11 +188,13 @@ def build_components(config: Mapping[str, Any], splits: Mapping[str, Any]) -> di
     labels = data_mod.labels_of(splits["train"])
     n_classes = len(np.unique(labels))
     emb = config["model"]["embedding_size"]
-    loss = _with_runtime_kwargs(config["loss"], "losses", num_classes=n_classes, embedding_size=emb)
+    loss = registry.build_accepting(
+        config["loss"], "losses", num_classes=n_classes, embedding_size=emb
+    )
     miner = registry.build(config["miner"], "miners") if config.get("miner") else None
     sampler = None
     if config.get("sampler"):
-        sampler = _with_runtime_kwargs(
+        sampler = registry.build_accepting(
             config["sampler"],
             "samplers",
             labels=labels,
@@ -283,14 +277,14 @@ def make_tester(config: Mapping[str, Any], splits: Mapping, device: torch.device
 
 
 def clean_metrics(all_accuracies: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-    out = {}
-    for split, accs in all_accuracies.items():
-        out[split] = {
+    return {
+        split: {
             k.removesuffix("_level0"): float(v)
             for k, v in accs.items()
             if k != "epoch" and isinstance(v, (int, float, np.floating))
         }
-    return out
+        for split, accs in all_accuracies.items()
+    }
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -372,19 +366,15 @@ def _version(dist: str) -> str | None:
 
 def git_revision() -> dict[str, Any] | None:
     root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+
     try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        )
+        rev = git("rev-parse", "HEAD")
         if rev.returncode != 0:
             return None
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
+        dirty = git("status", "--porcelain", "--untracked-files=no")
         return {"commit": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         return None
@@ -396,7 +386,7 @@ def manifest(prep: Prepared, wall_time: float, epochs_run: int) -> dict[str, Any
         "pml_plugins": _version("pml-plugins"),
         "python": sys.version.split()[0],
         "packages": {
-            d: _version(d)
+            d: v
             for d in (
                 "torch",
                 "torchvision",
@@ -406,7 +396,7 @@ def manifest(prep: Prepared, wall_time: float, epochs_run: int) -> dict[str, Any
                 "faiss-gpu-cu12",
                 "numpy",
             )
-            if _version(d)
+            if (v := _version(d))
         },
         "git": git_revision(),
         "container_image": os.environ.get("PML_PLUGINS_IMAGE"),
@@ -594,8 +584,7 @@ def _train_and_evaluate(prep: Prepared) -> dict[str, Any]:
         "epochs": epochs,
         "eval_plan": [[q, refs] for q, refs in plan],
     }
-    wall = time.time() - t0
-    info = manifest(prep, wall, max(0, epochs - prep.resume_epoch))
+    info = manifest(prep, time.time() - t0, max(0, epochs - prep.resume_epoch))
     info["world_size"] = ctx.world_size
     files.write_json(out / "manifest.json", info)
     files.write_json(out / "metrics.json", metrics)  # last: it marks the run finished
@@ -615,8 +604,7 @@ def run(
     prep = prepare(config, out=out, resume=resume)
     if prep.finished:
         return prep.out, finished_metrics(prep.out)
-    metrics = train_and_evaluate(prep)
-    return prep.out, metrics
+    return prep.out, train_and_evaluate(prep)
 
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:

@@ -356,9 +356,7 @@ def names_component(value: Any) -> bool:
 
 
 def _resolve(key: str | None, value: Any) -> Any:
-    if key in NESTED_KEYS and names_component(value):
-        return build(value)
-    if is_spec(value):
+    if (key in NESTED_KEYS and names_component(value)) or is_spec(value):
         return build(value)
     if isinstance(value, list):
         return [_resolve(None, v) for v in value]

@@ -306,9 +306,8 @@ def _check_spec(key: str, spec: Any, kind: str) -> None:
     _check_argument_types(f"{key}.{name}", cls, kwargs)
     _check_finite(f"{key}.{name}", kwargs, allow_infinite=kind not in FINITE_KINDS)
     for sub_key, value in kwargs.items():
-        if sub_key in registry.NESTED_KEYS and registry.names_component(value):
-            _check_spec(f"{key}.{name}.{sub_key}", value, None)
-        elif registry.is_spec(value):
+        nested = sub_key in registry.NESTED_KEYS and registry.names_component(value)
+        if nested or registry.is_spec(value):
             _check_spec(f"{key}.{name}.{sub_key}", value, None)
 
 
@@ -317,9 +316,9 @@ def _check_components(config: Mapping[str, Any]) -> None:
         spec = _lookup(config, key)
         if spec is not None:
             _check_spec(key, spec, kind)
-    for group, kind in (("optimizers", "optimizers"), ("lr_schedulers", "lr_schedulers")):
-        for part, spec in (config.get(group) or {}).items():
-            _check_spec(f"{group}.{part}", spec, kind)
+    for kind in ("optimizers", "lr_schedulers"):
+        for part, spec in (config.get(kind) or {}).items():
+            _check_spec(f"{kind}.{part}", spec, kind)
     _check_loss_embedding_size(config)
 
 

@@ -296,7 +296,7 @@ def entry(name: str, kind: str | None = None) -> Entry:
         return found
     candidates = [n for n, e in table.items() if kind is None or e.kind == kind]
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
-    what = SINGULAR.get(kind, "component") if kind else "component"
+    what = SINGULAR.get(kind, "component")
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     where = f" ({name!r} is registered, but as {_a(found.kind)})" if found is not None else ""
     raise UnknownComponentError(
@@ -435,10 +435,8 @@ def build_accepting(spec: Any, kind: str | None = None, **available: Any) -> Any
 
 
 def _fmt(kwargs: Mapping[str, Any]) -> str:
+    """``k=value`` for a number, string, bool or None, else ``k=TypeName``."""
+    short = (int, float, str, bool, type(None))
     return ", ".join(
-        f"{k}={type(v).__name__ if not _short(v) else repr(v)}" for k, v in kwargs.items()
+        f"{k}={repr(v) if isinstance(v, short) else type(v).__name__}" for k, v in kwargs.items()
     )
-
-
-def _short(v: Any) -> bool:
-    return isinstance(v, (int, float, str, bool, type(None)))

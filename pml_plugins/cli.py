@@ -257,16 +257,12 @@ PATH_ERRORS: dict[type[OSError], str] = {
 }
 
 
-def _full_disk(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
 def _os_error_message(exc: BaseException) -> str | None:
     """The one-line message of a full disk or an unusable path, else None (a bug)."""
     if not isinstance(exc, OSError):
         return None
     where = exc.filename or "a file"
-    if _full_disk(exc):
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return (
             f"{where}: no space left on the device ({exc.strerror}); free some space and "
             f"run the same command again"
@@ -295,10 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as exc:
-        if isinstance(exc, _user_error_types()):
-            message = str(exc)
-        else:
-            message = _os_error_message(exc)
+        message = str(exc) if isinstance(exc, _user_error_types()) else _os_error_message(exc)
         if message is None:
             raise
         print(f"pml-plugins: error: {_one_line(message)}", file=sys.stderr)

@@ -30,94 +30,52 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from .discovery import (
-    LOG,
-    RUN_COLUMNS,
-    STAGES,
-    Run,
-    embed_test_split,
-    find_runs,
-    metrics_problem,
-    read_loss_history,
-    read_run_metrics,
-    tidy_rows,
-)
+from .discovery import RUN_COLUMNS, embed_test_split, find_runs, metrics_problem, tidy_rows
 from .figures import (
     on_unit_circle,
     plot_all,
     plot_heatmap,
     plot_ranks,
     plot_recall_curves,
-    plot_scatter_2d,
-    plot_training_curves,
     scatter_panels,
 )
-from .papers import METRIC_ALIASES, PAPER_COLUMNS, canonical_metric, read_paper_numbers
+from .papers import canonical_metric, read_paper_numbers
 from .provenance import copy_provenance, write_csv
 from .statistics import (
-    ALPHA,
     COMPARISON_COLUMNS,
-    CONFIDENCE,
     SUMMARY_COLUMNS,
     UNTRAINED,
-    Comparison,
-    Rank,
     compare_all,
     compare_with_best,
     comparison_rows,
-    mean_ci,
     paired_t_test,
     seed_ranks,
     summarise,
 )
-from .tables import METRIC_NAMES, dataset_table, metric_columns, report_split, short_name
+from .tables import dataset_table, report_split
 from .tuning import tuning_notes
 
+#: the names used through the package (its parts hold the rest)
 __all__ = [
-    "ALPHA",
-    "COMPARISON_COLUMNS",
-    "CONFIDENCE",
-    "LOG",
-    "METRIC_ALIASES",
-    "METRIC_NAMES",
-    "PAPER_COLUMNS",
     "RUN_COLUMNS",
-    "STAGES",
-    "SUMMARY_COLUMNS",
     "UNTRAINED",
-    "Comparison",
-    "Rank",
-    "Run",
     "aggregate",
     "canonical_metric",
     "compare_all",
     "compare_with_best",
-    "comparison_rows",
-    "copy_provenance",
-    "dataset_table",
     "embed_test_split",
     "find_runs",
-    "mean_ci",
-    "metric_columns",
     "metrics_problem",
     "on_unit_circle",
     "paired_t_test",
-    "plot_all",
     "plot_heatmap",
     "plot_ranks",
     "plot_recall_curves",
-    "plot_scatter_2d",
-    "plot_training_curves",
-    "read_loss_history",
     "read_paper_numbers",
-    "read_run_metrics",
-    "report_split",
     "scatter_panels",
     "seed_ranks",
-    "short_name",
     "summarise",
     "tidy_rows",
-    "write_csv",
 ]
 
 

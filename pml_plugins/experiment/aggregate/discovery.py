@@ -143,21 +143,12 @@ def tidy_rows(runs: Iterable[Run]) -> list[dict[str, Any]]:
     """The rows of ``runs.csv`` (:data:`RUN_COLUMNS`): values as fractions."""
     rows = []
     for run in runs:
+        key = (run.dataset, run.loss, run.embedding_size, run.seed)
         for stage in STAGES:
             for split, values in (run.metrics.get(stage) or {}).items():
                 for metric, value in sorted(values.items()):
-                    rows.append(
-                        {
-                            "dataset": run.dataset,
-                            "loss": run.loss,
-                            "embedding_size": run.embedding_size,
-                            "seed": run.seed,
-                            "split": split,
-                            "stage": stage,
-                            "metric": metric,
-                            "value": float(value),
-                        }
-                    )
+                    row = (*key, split, stage, metric, float(value))
+                    rows.append(dict(zip(RUN_COLUMNS, row, strict=True)))
     return rows
 
 

@@ -193,8 +193,7 @@ def plot_heatmap(
     )
     for ax, dim in zip(axes[0], dims, strict=True):
         cells = [look.get((loss, dim, metric)) for loss in names]
-        grid = np.array([[np.nan if c is None else 100 * c["mean"]] for c in cells])
-        colored = grid.copy()
+        colored = np.array([[np.nan if c is None else 100 * c["mean"]] for c in cells])
         colored[0] = np.nan  # the untrained row stays grey
         finite = colored[np.isfinite(colored)]
         lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
@@ -253,12 +252,12 @@ def plot_ranks(rows: Sequence[Mapping[str, Any]], dataset: str, split: str, path
     metric = rank_metric(r["metric"] for r in rows if r["stage"] == "trained")
     values = seed_values(rows)
     dims = sorted({g[2] for g in values if g[3] == metric})
-    styles = method_styles([loss for g in values for loss in values[g]])
-    n_methods = len({loss for g in values for loss in values[g]})
+    methods = sorted({loss for by_loss in values.values() for loss in by_loss})
+    styles = method_styles(methods)
     fig, axes = plt.subplots(
         1,
         max(1, len(dims)),
-        figsize=(5.2 * max(1, len(dims)), max(3.4, 0.36 * n_methods + 1.9)),
+        figsize=(5.2 * max(1, len(dims)), max(3.4, 0.36 * len(methods) + 1.9)),
         squeeze=False,
     )
     n_seeds: set[int] = set()

@@ -15,10 +15,9 @@ def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, An
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row[k] for k in columns})
+        writer.writerows(rows)
     tmp.replace(path)
     return path
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,8 @@ SUMMARY_COLUMNS = (
     "ci95",
     "std",
 )
-#: columns of ``comparisons.csv``: each trained method against the best one
+#: columns of ``comparisons.csv``: each trained method against the best one (the group's
+#: key, then the fields of :class:`Comparison`)
 COMPARISON_COLUMNS = (
     "dataset",
     "split",
@@ -84,22 +85,13 @@ def summarise(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         key = (r["dataset"], r["loss"], r["embedding_size"], r["split"], r["stage"], r["metric"])
         groups[key].append(r["value"])
         if r["stage"] == "untrained":
-            ukey = (
-                r["dataset"],
-                UNTRAINED,
-                r["embedding_size"],
-                r["split"],
-                "untrained",
-                r["metric"],
-            )
-            untrained[ukey][r["seed"]].append(r["value"])
+            untrained[(key[0], UNTRAINED, *key[2:])][r["seed"]].append(r["value"])
     for ukey, by_seed in untrained.items():
         groups[ukey] = [float(np.mean(v)) for _, v in sorted(by_seed.items())]
-    out = []
-    for key, values in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        mean, half, std = mean_ci(values)
-        out.append(dict(zip(SUMMARY_COLUMNS, (*key, len(values), mean, half, std), strict=True)))
-    return out
+    return [
+        dict(zip(SUMMARY_COLUMNS, (*key, len(values), *mean_ci(values)), strict=True))
+        for key, values in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0])))
+    ]
 
 
 def seed_values(rows: Iterable[Mapping[str, Any]]) -> dict[Group, dict[str, dict[int, float]]]:
@@ -195,27 +187,11 @@ def compare_all(
 
 def comparison_rows(comparisons: Mapping[Group, Mapping[str, Comparison]]) -> list[dict]:
     """The rows of ``comparisons.csv`` (:data:`COMPARISON_COLUMNS`)."""
-    out = []
-    for (dataset, split, dim, metric), by_loss in sorted(
-        comparisons.items(), key=lambda kv: tuple(map(str, kv[0]))
-    ):
-        for c in by_loss.values():
-            out.append(
-                {
-                    "dataset": dataset,
-                    "split": split,
-                    "embedding_size": dim,
-                    "metric": metric,
-                    "loss": c.loss,
-                    "best": c.best,
-                    "n_pairs": c.n,
-                    "mean_difference": c.mean_difference,
-                    "t": c.t,
-                    "p": c.p,
-                    "marked": c.marked,
-                }
-            )
-    return out
+    return [
+        dict(zip(COMPARISON_COLUMNS, (*group, *astuple(c)), strict=True))
+        for group, by_loss in sorted(comparisons.items(), key=lambda kv: tuple(map(str, kv[0])))
+        for c in by_loss.values()
+    ]
 
 
 @dataclass(frozen=True)

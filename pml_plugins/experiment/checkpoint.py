@@ -63,6 +63,14 @@ DAMAGED_FIX = (
 # ---------------------------------------------------------------- RNG states
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's, torch's and PML's (``c_f.NUMPY_RANDOM``) RNGs."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    c_f.NUMPY_RANDOM = np.random.RandomState(seed)
+
+
 def _numpy_state(rng: np.random.RandomState) -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = rng.get_state()
     return {
@@ -171,7 +179,7 @@ class ResumableSampler(Sampler[int]):
         for name, value in state["in_place"].items():
             setattr(self.inner, name, list(value))
         self._pending = {
-            "order": [int(i) for i in state["order"].tolist()],
+            "order": state["order"].tolist(),
             "taken": int(state["taken"]),
             "torch_rng": state["torch_rng"],
         }
@@ -191,10 +199,6 @@ def make_resumable(sampler: Any, dataset: Any, batch_size: int) -> Any:
 
 
 # ---------------------------------------------------------------- files
-
-
-def _state_dict(obj: Any) -> dict[str, Any]:
-    return getattr(obj, "module", obj).state_dict()
 
 
 def _object_path(folder: Path, name: str, epoch: int) -> Path:
@@ -239,7 +243,7 @@ def save(
     the previous epoch's."""
     for group in objects.values():
         for name, obj in group.items():
-            sd = _state_dict(obj)
+            sd = getattr(obj, "module", obj).state_dict()
             files.atomic_save(_object_path(folder, name, epoch), lambda f, sd=sd: torch.save(sd, f))
     files.atomic_save(state_path(folder, epoch), lambda f: torch.save(dict(state), f))
     previous = epoch - 1

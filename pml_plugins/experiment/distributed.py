@@ -59,6 +59,8 @@ import torch.distributed as dist
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import distributed as pml_dist
 
+from .checkpoint import seed_everything
+
 LOG = logging.getLogger("pml_plugins")
 #: rank 0 evaluates while the others wait in their next collective; allow a long test
 TIMEOUT = datetime.timedelta(hours=2)
@@ -250,10 +252,9 @@ class DistributedMiner(_Delegating, pml_dist.DistributedMinerWrapper):
         return self.miner(all_emb, all_labels, all_ref_emb, all_ref_labels)
 
     def set_representative_mask(self, mask: torch.Tensor | None) -> None:
-        if mask is None:
-            self.miner.set_representative_mask(None)
-            return
-        self.miner.set_representative_mask(gather_in_rank_order(torch.as_tensor(mask).bool()))
+        if mask is not None:
+            mask = gather_in_rank_order(torch.as_tensor(mask).bool())
+        self.miner.set_representative_mask(mask)
 
 
 def wrap_loss(loss: torch.nn.Module) -> torch.nn.Module:
@@ -286,19 +287,8 @@ def sync_gradients(params: Iterable[torch.nn.Parameter], size: int) -> None:
 def reseed_for_rank(seed: int, epoch: int = 0) -> None:
     """Give rank > 0 its own data-order stream (python, numpy, torch, PML's RNG)."""
     r = rank()
-    if r == 0:
-        return
-    import random
-
-    state = int(np.random.SeedSequence([seed, r, epoch]).generate_state(1)[0])
-    random.seed(state)
-    np.random.seed(state)
-    torch.manual_seed(state)
-    c_f.NUMPY_RANDOM = np.random.RandomState(state)
-
-
-def _has_trainable(module: torch.nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
+    if r > 0:
+        seed_everything(int(np.random.SeedSequence([seed, r, epoch]).generate_state(1)[0]))
 
 
 class DistributedMixin:
@@ -375,7 +365,7 @@ def wrap_trainer(trainer, ctx: Context, seed: int = 0, epoch: int = 0):
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     trainer.models = {
         k: torch.nn.parallel.DistributedDataParallel(m, device_ids=device_ids)
-        if _has_trainable(m)
+        if any(p.requires_grad for p in m.parameters())
         else m
         for k, m in trainer.models.items()
     }

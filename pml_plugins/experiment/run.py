@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import subprocess
 import sys
 import time
@@ -47,6 +46,7 @@ from . import checkpoint, distributed, figure_points, files, run_folder
 from . import config as cfg_mod
 from . import data as data_mod
 from .amp import with_amp
+from .checkpoint import seed_everything
 from .evaluate import Calculator
 
 LOG = logging.getLogger("pml_plugins")
@@ -97,13 +97,6 @@ def resolve_device(spec: str) -> torch.device:
             f"device: {spec!r} asked for, but CUDA is not available; use 'cpu' or 'auto'"
         )
     return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    c_f.NUMPY_RANDOM = np.random.RandomState(seed)
 
 
 #: the last epoch whose checkpoint was completely written (0 if none)

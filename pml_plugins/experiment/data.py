@@ -96,8 +96,8 @@ def split_classes(
             f"dataset.val_classes={val_fraction} leaves no training class "
             f"({len(train)} training classes); lower it"
         )
-    val = train[len(train) - n_val :] if n_val else train[:0]
-    return train[: len(train) - n_val], val, test
+    cut = len(train) - n_val
+    return train[:cut], train[cut:], test
 
 
 def _subset(images: torch.Tensor, labels: np.ndarray, keep: np.ndarray, limit: int | None):
@@ -154,10 +154,7 @@ def eval_plan(name: str, splits: Mapping[str, Dataset]) -> list[tuple[str, list[
     """Which split is queried against which reference splits."""
     if name == "inshop":
         return [("query", ["gallery"])]
-    plan = [("test", ["test"])] if "test" in splits else []
-    if "val" in splits:
-        plan.insert(0, ("val", ["val"]))
-    return plan
+    return [(split, [split]) for split in ("val", "test") if split in splits]
 
 
 def labels_of(dataset: Dataset) -> np.ndarray:

@@ -63,10 +63,6 @@ def assignment(classes: np.ndarray, folds: int, seed: int) -> list[list[int]]:
     return [fold_classes(classes, folds, i, seed)[1].tolist() for i in range(folds)]
 
 
-def in_search() -> bool:
-    return os.environ.get(SEARCH_ENV) == "1"
-
-
 @contextlib.contextmanager
 def search_only() -> Iterator[None]:
     """Within this block (and in processes started from it) only cross-validation folds
@@ -84,7 +80,7 @@ def search_only() -> Iterator[None]:
 
 def check_access(dataset_cfg: Mapping[str, Any]) -> None:
     """Raise :class:`TestSplitAccessError` where a search asks for the test split."""
-    if in_search() and not dataset_cfg.get("cross_validation"):
+    if os.environ.get(SEARCH_ENV) == "1" and not dataset_cfg.get("cross_validation"):
         raise TestSplitAccessError(
             f"data set {dataset_cfg.get('name')!r} requested with its test split during a "
             f"hyperparameter search; a search trains and validates on cross-validation "

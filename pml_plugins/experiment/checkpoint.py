@@ -211,12 +211,8 @@ def state_path(folder: Path, epoch: int) -> Path:
 
 def latest(folder: Path) -> int:
     """The last epoch whose checkpoint was completely written (0 if none)."""
-    epochs = [
-        int(p.stem[len(STATE_PREFIX) :])
-        for p in folder.glob(f"{STATE_PREFIX}*.pth")
-        if p.stem[len(STATE_PREFIX) :].isdigit()
-    ]
-    return max(epochs, default=0)
+    epochs = [p.stem.removeprefix(STATE_PREFIX) for p in folder.glob(f"{STATE_PREFIX}*.pth")]
+    return max((int(e) for e in epochs if e.isdigit()), default=0)
 
 
 def safe_load(path: Path, device: torch.device | str = "cpu") -> Any:

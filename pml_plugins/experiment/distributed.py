@@ -204,8 +204,6 @@ class DistributedLoss(_Delegating, pml_dist.DistributedLossWrapper):
     loss. ``CrossBatchMemory`` goes through PML's own path.
     """
 
-    _inner_name = "loss"
-
     def __init__(self, loss: torch.nn.Module, efficient: bool = False) -> None:
         torch.nn.Module.__init__(self)
         if efficient:

@@ -233,8 +233,9 @@ def test_loss_label_falls_back_to_the_class_name_outside_the_layout(tmp_path):
 
 def test_no_runs_is_an_error_that_the_cli_reports(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no finished runs"):
+    with pytest.raises(FileNotFoundError, match="no finished runs") as info:
         agg.aggregate(tmp_path / "empty", tmp_path / "out")
+    assert str(info.value).endswith(f"in {tmp_path / 'empty'}")  # the folder, named
     proc = subprocess.run(
         [
             sys.executable,

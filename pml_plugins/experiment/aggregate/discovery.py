@@ -108,7 +108,7 @@ def find_runs(runs: str | Path | Sequence[str | Path]) -> list[Run]:
     """
     runs_dir = Path(runs) if isinstance(runs, (str, Path)) else "the run folders given"
     folders = run_folders(runs)
-    runs: dict[tuple, Run] = {}
+    found: dict[tuple, Run] = {}
     for folder in folders:
         metrics_path = folder / "metrics.json"
         config_path = folder / "config.yaml"
@@ -128,15 +128,15 @@ def find_runs(runs: str | Path | Sequence[str | Path]) -> list[Run]:
             label = folder.parent.parent.name
         run = Run(folder, config["dataset"]["name"], label, loss_class, dim, seed, config, metrics)
         key = (run.dataset, run.loss, run.embedding_size, run.seed)
-        if key in runs:
+        if key in found:
             LOG.warning(
-                "skipping %s: same data set, loss, size and seed as %s", folder, runs[key].path
+                "skipping %s: same data set, loss, size and seed as %s", folder, found[key].path
             )
             continue
-        runs[key] = run
-    if not runs:
-        raise FileNotFoundError(f"no finished runs (metrics.json + config.yaml) in {runs!s}")
-    return list(runs.values())
+        found[key] = run
+    if not found:
+        raise FileNotFoundError(f"no finished runs (metrics.json + config.yaml) in {runs_dir}")
+    return list(found.values())
 
 
 def tidy_rows(runs: Iterable[Run]) -> list[dict[str, Any]]:

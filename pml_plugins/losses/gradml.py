@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 import torch
-from pytorch_metric_learning.distances import BaseDistance, LpDistance
 from pytorch_metric_learning.losses import GenericPairLoss
-from pytorch_metric_learning.reducers import (
-    BaseReducer,
-    MeanReducer,
-    MultipleReducers,
-    ThresholdReducer,
-)
+from pytorch_metric_learning.reducers import BaseReducer, MultipleReducers, ThresholdReducer
 
 from .precision import InInputDtype, at_least_float32
 
@@ -47,10 +41,10 @@ class GradMLLoss(InInputDtype, GenericPairLoss):
             :math:`d^k = (d^2 + \epsilon)^{k/2}` has finite gradients at coincident points.
             For ``k == 2`` the squared distance is used as is.
 
-    Default distance: ``LpDistance(normalize_embeddings=True, p=2, power=1)``. Any
+    Default distance: PML's, ``LpDistance(normalize_embeddings=True, p=2, power=1)``. Any
     non-inverted distance may be given; :math:`d^2` is obtained as ``mat ** (2 / power)``.
 
-    Default reducer: ``MeanReducer``. The loss has two sub-losses, ``pos_loss`` (per positive
+    Default reducer: PML's ``MeanReducer``. The loss has two sub-losses, ``pos_loss`` (per positive
     pair :math:`2 d^k`, reduction type ``pos_pair``) and ``neg_loss`` (per negative pair
     :math:`-4 w d^k`, reduction type ``neg_pair``); the mean of each, summed, is exactly the
     formula above. Every negative-pair term is at most 0, so a reducer that keeps only
@@ -139,12 +133,6 @@ class GradMLLoss(InInputDtype, GenericPairLoss):
         if self.k == 2:
             return sq
         return (sq + self.eps).pow(self.k / 2)
-
-    def get_default_distance(self) -> BaseDistance:
-        return LpDistance(normalize_embeddings=True, p=2, power=1)
-
-    def get_default_reducer(self) -> MeanReducer:
-        return MeanReducer()
 
     def _sub_loss_names(self) -> list[str]:
         return ["pos_loss", "neg_loss"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from pytorch_metric_learning.distances import BaseDistance, LpDistance
 from pytorch_metric_learning.losses import GenericPairLoss
-from pytorch_metric_learning.reducers import MeanReducer
 
 from .precision import InInputDtype, at_least_float32
 
@@ -73,7 +72,7 @@ class NRALoss(InInputDtype, GenericPairLoss):
     the unnormalised embeddings (as in the paper). For an inverted distance (a similarity)
     the ranks are taken on the negated similarity, i.e. most similar = rank 0.
 
-    Default reducer: ``MeanReducer``. Reducer input: one loss per anchor (reduction type
+    Default reducer: PML's ``MeanReducer``. Reducer input: one loss per anchor (reduction type
     ``element``), for the anchors that have a positive or a negative; the mean over them is
     the paper's :math:`\frac1m\sum_i`.
 
@@ -148,9 +147,6 @@ class NRALoss(InInputDtype, GenericPairLoss):
 
     def get_default_distance(self) -> BaseDistance:
         return LpDistance(normalize_embeddings=False, p=2, power=1)
-
-    def get_default_reducer(self) -> MeanReducer:
-        return MeanReducer()
 
 
 def checked_alpha(alpha: float) -> float:

@@ -16,6 +16,11 @@ from torch.utils.data import Sampler
 BATCH_LOG_SIZE = 1024
 
 
+def _as_indices(indices: torch.Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
+    """Dataset indices as a flat int64 array."""
+    return np.asarray(torch.as_tensor(indices).cpu(), dtype=np.int64).reshape(-1)
+
+
 class RepresentativeSampler(Sampler[int]):
     """Yields batches of ``k`` classes x ``m`` samples that hold each class's representative.
 
@@ -166,9 +171,8 @@ class RepresentativeSampler(Sampler[int]):
         self.batches_in_projection += 1
         self.iteration += 1
         indices = batch.ravel().tolist()
-        mask = np.zeros((self.classes_per_batch, self.samples_per_class), dtype=bool)
-        mask[:, 0] = True
-        self._batch_log[tuple(indices)] = (self.projection, mask.ravel())
+        mask = np.arange(self.batch_size) % self.samples_per_class == 0  # representatives first
+        self._batch_log[tuple(indices)] = (self.projection, mask)
         while len(self._batch_log) > BATCH_LOG_SIZE:
             self._batch_log.popitem(last=False)
         return indices
@@ -186,12 +190,9 @@ class RepresentativeSampler(Sampler[int]):
         offsets = np.minimum(offsets.astype(np.int64), self._class_counts - 1)
         return self._by_class[self._class_starts + offsets]
 
-    def _members(self, c: int) -> np.ndarray:
-        start = self._class_starts[c]
-        return self._by_class[start : start + self._class_counts[c]]
-
     def _others(self, c: int, rep: int) -> np.ndarray:
-        others = self._members(c)
+        start = self._class_starts[c]
+        others = self._by_class[start : start + self._class_counts[c]]
         others = others[others != rep]
         size = self.samples_per_class - 1
         if len(others) == 0:
@@ -231,14 +232,12 @@ class RepresentativeSampler(Sampler[int]):
         ``indices`` are the dataset indices of the batch, ``embeddings`` its embeddings
         (any device; detached and kept on the CPU in float32). Other items are ignored.
         """
-        indices = np.asarray(torch.as_tensor(indices).cpu(), dtype=np.int64).reshape(-1)
+        indices = _as_indices(indices)
         if len(indices) != len(embeddings):
             raise ValueError(
                 f"got {len(indices)} indices for {len(embeddings)} embeddings; "
                 "they must match one to one"
             )
-        if len(indices) == 0:
-            return
         classes = self._class_of_index[indices]
         is_rep = self.representatives[classes] == indices
         if not is_rep.any():
@@ -253,10 +252,8 @@ class RepresentativeSampler(Sampler[int]):
 
     def representative_mask(self, indices: torch.Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
         """Boolean mask of the positions holding a current representative (first copy only)."""
-        indices = np.asarray(torch.as_tensor(indices).cpu(), dtype=np.int64).reshape(-1)
+        indices = _as_indices(indices)
         mask = np.zeros(len(indices), dtype=bool)
-        if len(indices) == 0:
-            return mask
         classes = self._class_of_index[indices]
         positions = np.flatnonzero(self.representatives[classes] == indices)
         _, first = np.unique(classes[positions], return_index=True)
@@ -273,7 +270,7 @@ class RepresentativeSampler(Sampler[int]):
         is not found (reordered, or too old) gets the current projection and the positions of
         the current representatives.
         """
-        key = tuple(np.asarray(torch.as_tensor(indices).cpu(), dtype=np.int64).reshape(-1).tolist())
+        key = tuple(_as_indices(indices).tolist())
         found = self._batch_log.get(key)
         if found is not None:
             return found[0], found[1].copy()
@@ -282,7 +279,7 @@ class RepresentativeSampler(Sampler[int]):
     def state_dict(self) -> dict[str, Any]:
         """Representatives, counters, embeddings and (with ``seed``) the RNG state."""
         state: dict[str, Any] = {
-            "classes": torch.from_numpy(np.asarray(self.classes)),
+            "classes": torch.from_numpy(self.classes),
             "iteration": self.iteration,
             "projection": self.projection,
             "batches_in_projection": self.batches_in_projection,
@@ -302,10 +299,7 @@ class RepresentativeSampler(Sampler[int]):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        classes = np.asarray(torch.as_tensor(state["classes"]).cpu())
-        if classes.shape != np.asarray(self.classes).shape or not np.array_equal(
-            classes, self.classes
-        ):
+        if not np.array_equal(np.asarray(torch.as_tensor(state["classes"]).cpu()), self.classes):
             raise ValueError("the saved sampler state belongs to a different label set")
         self.iteration = int(state["iteration"])
         self.projection = int(state["projection"])

@@ -33,15 +33,10 @@ def form_positive_pairs(labels: Tensor) -> tuple[Tensor, Tensor]:
     The 1st and 2nd samples of a class form a pair, the 3rd and 4th the next, ...; an odd
     leftover sample is not paired. Pairs are returned ordered by their first member.
     """
-    n = labels.numel()
-    device = labels.device
-    if n == 0:
-        empty = torch.zeros(0, dtype=torch.long, device=device)
-        return empty, empty
     order = torch.argsort(labels, stable=True)
     _, counts = torch.unique_consecutive(labels[order], return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(n, device=device) - torch.repeat_interleave(starts, counts)
+    rank = torch.arange(len(order), device=order.device) - torch.repeat_interleave(starts, counts)
     class_size = torch.repeat_interleave(counts, counts)
     is_first = (rank % 2 == 0) & (rank + 1 < class_size)
     where = torch.nonzero(is_first).squeeze(1)

@@ -11,6 +11,12 @@ from ..losses.metrix_pairs import MixedPairs
 from ..models.backbones import MapTrunk
 
 
+def _mix(x: torch.Tensor, pairs: MixedPairs, lam: float) -> torch.Tensor:
+    """``lam * x[first] + (1 - lam) * x[second]`` for the mixing pairs' points."""
+    first, second, _ = pairs.points
+    return lam * x[first.to(x.device)] + (1 - lam) * x[second.to(x.device)]
+
+
 class MetrixTrainer(MetricLossOnly):
     r"""PML's ``MetricLossOnly`` with Metrix mixing of trunk outputs or of images.
 
@@ -85,12 +91,12 @@ class MetrixTrainer(MetricLossOnly):
         pairs = loss_fn.mixing_pairs(labels, embeddings, indices_tuple)
         if pairs.num_pairs == 0:  # nothing to mix (e.g. one class)
             mixed_emb = embeddings[:0]
-        elif loss_fn.mode == "feature":
-            mixed_emb = self.mixed_feature_embeddings(
-                trunk_output if maps is None else maps, pairs, lam, pooled=maps is None
-            )
-        else:
-            mixed_emb = self.mixed_input_embeddings(data, pairs, lam)
+        elif loss_fn.mode == "input":
+            mixed_emb = self.compute_embeddings(_mix(data, pairs, lam))
+        elif maps is None:  # mixed trunk outputs
+            mixed_emb = self.get_final_embeddings(_mix(trunk_output, pairs, lam))
+        else:  # mixed feature maps, pooled after mixing
+            mixed_emb = self.get_final_embeddings(self.map_trunk().pool(_mix(maps, pairs, lam)))
         mixed = loss_fn.compute_mixed_loss(embeddings, labels, mixed_emb, pairs, lam)
         self.losses["metric_loss"] = clean + loss_fn.weight * mixed
         return None
@@ -99,23 +105,3 @@ class MetrixTrainer(MetricLossOnly):
         """The trunk, unwrapped from ``DistributedDataParallel`` / ``DataParallel``."""
         trunk = self.models["trunk"]
         return getattr(trunk, "module", trunk)
-
-    def mixed_feature_embeddings(
-        self, features: torch.Tensor, pairs: MixedPairs, lam: float, pooled: bool
-    ) -> torch.Tensor:
-        """Embeddings of the mixed feature maps (pooled after mixing) or mixed trunk outputs
-        (``pooled``)."""
-        first, second, _ = pairs.points
-        first, second = first.to(features.device), second.to(features.device)
-        mixed = lam * features[first] + (1 - lam) * features[second]
-        if not pooled:
-            mixed = self.map_trunk().pool(mixed)
-        return self.get_final_embeddings(mixed)
-
-    def mixed_input_embeddings(
-        self, data: torch.Tensor, pairs: MixedPairs, lam: float
-    ) -> torch.Tensor:
-        """Embeddings of the mixed images."""
-        first, second, _ = pairs.points
-        first, second = first.to(data.device), second.to(data.device)
-        return self.compute_embeddings(lam * data[first] + (1 - lam) * data[second])

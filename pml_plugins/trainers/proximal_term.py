@@ -66,9 +66,7 @@ class ProximalTerm(ModuleWithRecords):
                 seen.add(id(p))
                 self._names.append(name)
                 self._params.append(p)
-        with torch.no_grad():
-            self._anchors: list[torch.Tensor] = [p.detach().clone() for p in self._params]
-        self.projection = -1
+        self.snapshot(-1)  # theta_k = theta, projection -1
         self.proximal_value = 0.0
         self.squared_distance = 0.0
         self.proximal_share = 0.0
@@ -102,7 +100,7 @@ class ProximalTerm(ModuleWithRecords):
     @torch.no_grad()
     def snapshot(self, projection: int) -> None:
         """``theta_k <- theta`` (on the parameters' current devices)."""
-        self._anchors = [p.detach().clone() for p in self._params]
+        self._anchors: list[torch.Tensor] = [p.detach().clone() for p in self._params]
         self.projection = int(projection)
 
     def forward(self) -> torch.Tensor:

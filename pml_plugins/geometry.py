@@ -298,15 +298,9 @@ def closest_points_from_gram(
     return GramSolution(x_coef, y_coef, safe_sqrt(dist_sq, floor), tau, ups)
 
 
-def _gram_blocks(x1: Tensor, x2: Tensor, y1: Tensor, y2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    def block(u1: Tensor, u2: Tensor, v1: Tensor, v2: Tensor) -> Tensor:
-        rows = [
-            torch.stack([(u1 * v1).sum(-1), (u1 * v2).sum(-1)], -1),
-            torch.stack([(u2 * v1).sum(-1), (u2 * v2).sum(-1)], -1),
-        ]
-        return torch.stack(rows, -2)
-
-    return block(x1, x2, x1, x2), block(y1, y2, y1, y2), block(x1, x2, y1, y2)
+def _gram_block(u1: Tensor, u2: Tensor, v1: Tensor, v2: Tensor) -> Tensor:
+    """The 2x2 block ``[[u1.v1, u1.v2], [u2.v1, u2.v2]]``."""
+    return torch.stack([torch.stack([(u * v).sum(-1) for v in (v1, v2)], -1) for u in (u1, u2)], -2)
 
 
 def _closest_points(
@@ -315,7 +309,8 @@ def _closest_points(
     x1, x2, y1, y2 = torch.broadcast_tensors(x1, x2, y1, y2)
     if geometry == "arc":
         x1, x2, y1, y2 = (torch.nn.functional.normalize(v, dim=-1) for v in (x1, x2, y1, y2))
-    gxx, gyy, gxy = _gram_blocks(x1, x2, y1, y2)
+    gxx, gyy = _gram_block(x1, x2, x1, x2), _gram_block(y1, y2, y1, y2)
+    gxy = _gram_block(x1, x2, y1, y2)
     sol = closest_points_from_gram(
         gxx,
         gyy,

@@ -57,8 +57,8 @@ def normalised_points(
 def distance_from_dot(
     distance: BaseDistance,
     dot: torch.Tensor,
-    query_sq: torch.Tensor | None,
-    ref_sq: torch.Tensor | None,
+    query_sq: torch.Tensor,
+    ref_sq: torch.Tensor,
     coincide: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""``distance(q, r)`` from the dot products and squared norms of the points after the
@@ -129,14 +129,8 @@ def row_distances(
     dot = lam * by_anchor.gather(1, firsts.unsqueeze(1)) + (1 - lam) * by_anchor
     dot = dot * (scale.index_select(0, anchors).unsqueeze(1) * mix_scale)
     coincide = (anchors == firsts).unsqueeze(1) if lam == 1 else None  # v = a itself
-    euclid = isinstance(distance, LpDistance)
-    return distance_from_dot(
-        distance,
-        dot,
-        hat_sq.index_select(0, anchors).unsqueeze(1) if euclid else None,
-        mix_hat_sq if euclid else None,
-        coincide,
-    )
+    anchor_hat_sq = hat_sq.index_select(0, anchors).unsqueeze(1)
+    return distance_from_dot(distance, dot, anchor_hat_sq, mix_hat_sq, coincide)
 
 
 def proxy_distances(

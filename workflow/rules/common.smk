@@ -20,8 +20,7 @@ def script(name):
 GPU_POOL = f"python {shlex.quote(script('gpu_pool.py'))}"
 
 try:
-    CELLS = grid_mod.validate_grid(config)
-    STUDIES = grid_mod.studies(config)
+    CELLS, STUDIES = grid_mod.cells_and_studies(config)
 except grid_mod.GridError as exc:
     raise WorkflowError(f"invalid grid config: {exc}") from None
 

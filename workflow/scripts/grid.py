@@ -85,6 +85,16 @@ def expand(grid: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     The configs are the merged YAML of each cell (not yet validated, no defaults filled);
     see :func:`validate_grid`.
     """
+    return _expand(grid)[0]
+
+
+def studies(grid: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{study path: search spec}`` of a grid's ``search`` block (empty without one)."""
+    return _expand(grid)[1]
+
+
+def _expand(grid: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, dict]]:
+    """``(cells, studies)``: the untuned cells expanded once, the search block on them."""
     runs_dir = grid.get("runs_dir", "runs")
     base = grid.get("base") or {}
     cells: dict[str, dict[str, Any]] = {}
@@ -95,25 +105,17 @@ def expand(grid: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             for dim in grid["embedding_sizes"]:
                 for seed in grid["seeds"]:
                     cfg = deep_merge(base, {"dataset": block}, overrides, lcfg)
-                    cfg.setdefault("model", {})
-                    cfg["model"]["embedding_size"] = dim
+                    cfg.setdefault("model", {})["embedding_size"] = dim
                     cfg["seed"] = seed
-                    cfg.setdefault("dataset", {})
                     cfg["dataset"]["name"] = dataset
                     cfg["name"] = label
                     path = cell_path(dataset, label, dim, seed)
                     cfg["output"] = f"{runs_dir}/{path}"
                     cells[path] = cfg
-    if grid.get("search"):
-        cells.update(search_plan.expand(grid, cells)[0])
-    return cells
-
-
-def studies(grid: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{study path: search spec}`` of a grid's ``search`` block (empty without one)."""
     if not grid.get("search"):
-        return {}
-    return search_plan.expand(grid, expand({**grid, "search": None}))[1]
+        return cells, {}
+    tuned, specs = search_plan.expand(grid, cells)
+    return {**cells, **tuned}, specs
 
 
 # ---------------------------------------------------------------- validation
@@ -200,6 +202,16 @@ def validate_grid(
     ``check_data`` (default: the grid's ``check_data``, else True) checks that the data
     folders exist; switch it off to resolve a paper grid on a machine without the data.
     """
+    return cells_and_studies(grid, check_data, schema_path)[0]
+
+
+def cells_and_studies(
+    grid: Mapping[str, Any],
+    check_data: bool | None = None,
+    schema_path: str | Path | None = None,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """``(validate_grid(grid), studies(grid))`` from one expansion: what the workflow reads
+    at load time."""
     check_schema(grid, schema_path)
     known = cfg_mod.load_schema()["properties"]["dataset"]["properties"]["name"]["enum"]
     for dataset in grid["datasets"]:
@@ -214,8 +226,8 @@ def validate_grid(
             block = {k: v for k, v in (block or {}).items() if k != "overrides"}
             _check_data_root(dataset, block)
     try:
-        cells = expand(grid)
-        for study, spec in studies(grid).items():
+        cells, specs = _expand(grid)
+        for study, spec in specs.items():
             validate_search(spec, where=f"search (study {study})")
     except (SearchSpaceError, SearchSpecError) as exc:
         raise GridError(f"grid config: {exc}") from None
@@ -243,7 +255,7 @@ def validate_grid(
             )
         if check_data:
             _check_embedded_sampler(path, label, validated, labels_cache)
-    return cells
+    return cells, specs
 
 
 def uses_gpu(cell: Mapping[str, Any]) -> bool:

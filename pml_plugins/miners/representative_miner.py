@@ -76,19 +76,14 @@ class RepresentativeMiner(BaseMiner):
                 tuples = self.inner_miner(embeddings, labels)
             else:
                 tuples = self.inner_miner(embeddings, labels, ref_emb, ref_labels)
-            return self.keep_representative_anchors(tuples, mask)
-        matches, diffs = lmu.get_matches_and_diffs(labels, ref_labels)
-        matches, diffs = matches.bool(), diffs.bool()
-        matches[~mask] = False
-        diffs[~mask] = False
-        if self.tuple_type == "pairs":
-            a1, p = torch.where(matches)
-            a2, n = torch.where(diffs)
-            return a1, p, a2, n
-        anchors = torch.where(mask)[0]
-        triplets = matches[anchors].unsqueeze(2) & diffs[anchors].unsqueeze(1)
-        row, p, n = torch.where(triplets)
-        return anchors[row], p, n
+        elif self.tuple_type == "pairs":
+            tuples = lmu.get_all_pairs_indices(labels, ref_labels)
+        else:  # triplets: only the representatives' rows, not PML's (B, B, B) get_all_triplets
+            matches, diffs = lmu.get_matches_and_diffs(labels, ref_labels)
+            anchors = torch.where(mask)[0]
+            row, p, n = torch.where(matches[anchors].unsqueeze(2) & diffs[anchors].unsqueeze(1))
+            return anchors[row], p, n
+        return self.keep_representative_anchors(tuples, mask)
 
     @staticmethod
     def keep_representative_anchors(tuples: IndicesTuple, mask: torch.Tensor) -> IndicesTuple:

@@ -105,10 +105,6 @@ def _arc_angle(chord_sq: Tensor) -> Tensor:
     return 2.0 * torch.asin(half.clamp(max=one_minus))
 
 
-def _broadcast_chord(chord_sq: Tensor | None, g: Tensor) -> Tensor:
-    return _chord_sq(g) if chord_sq is None else chord_sq
-
-
 @torch.no_grad()
 def solve_arc_parameters(
     gxx: Tensor,
@@ -132,8 +128,8 @@ def solve_arc_parameters(
         ``p = x(tau * a0)``, ``q = y(upsilon * b0)``.
     """
     gxx, gyy, gxy = gxx.double(), gyy.double(), gxy.double()
-    xc = _broadcast_chord(x_chord_sq, gxx).double()
-    yc = _broadcast_chord(y_chord_sq, gyy).double()
+    xc = (_chord_sq(gxx) if x_chord_sq is None else x_chord_sq).double()
+    yc = (_chord_sq(gyy) if y_chord_sq is None else y_chord_sq).double()
     a0, b0 = _arc_angle(xc), _arc_angle(yc)
     x_deg, y_deg = a0 <= min_angle, b0 <= min_angle
     m11, m12, m21, m22 = _entries(gxy)
@@ -283,8 +279,8 @@ def closest_points_from_gram(
         raise ValueError(f"geometry must be one of {_GEOMETRIES}, got {geometry!r}")
     dtype = torch.promote_types(torch.promote_types(gxx.dtype, gyy.dtype), gxy.dtype)
     if geometry == "arc":
-        xc = _broadcast_chord(x_chord_sq, gxx)
-        yc = _broadcast_chord(y_chord_sq, gyy)
+        xc = _chord_sq(gxx) if x_chord_sq is None else x_chord_sq
+        yc = _chord_sq(gyy) if y_chord_sq is None else y_chord_sq
         tau, ups, x_deg, y_deg = solve_arc_parameters(gxx, gyy, gxy, min_angle, xc, yc)
         x_coef = _arc_coefficients(xc.to(dtype).expand(tau.shape), tau, x_deg)
         y_coef = _arc_coefficients(yc.to(dtype).expand(ups.shape), ups, y_deg)

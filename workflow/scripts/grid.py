@@ -40,6 +40,7 @@ import yaml
 from pml_plugins import registry
 from pml_plugins.experiment import config as cfg_mod
 from pml_plugins.experiment import run_folder
+from pml_plugins.experiment.files import atomic_write
 from pml_plugins.experiment.search.space import SearchSpaceError
 from pml_plugins.experiment.search.spec import SearchSpecError
 from pml_plugins.experiment.search.spec import validate as validate_search
@@ -121,27 +122,18 @@ def _expand(grid: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[st
 # ---------------------------------------------------------------- validation
 
 
-def load_schema(path: str | Path | None = None) -> dict[str, Any]:
-    path = Path(path or SCHEMA_PATH)
-    if not path.is_file():
-        raise GridError(f"grid schema {str(path)!r} not found; run from a source checkout")
-    with open(path) as f:
-        return yaml.safe_load(f)
-
-
-def _where(error: jsonschema.ValidationError) -> str:
-    return ".".join(str(p) for p in error.absolute_path) or "<top level>"
-
-
 def check_schema(grid: Any, schema_path: str | Path | None = None) -> None:
     """The grid's shape (keys, types); raises :class:`GridError` naming the key."""
     if not isinstance(grid, Mapping):
         raise GridError(f"a grid config is a mapping of keys, got {type(grid).__name__}")
-    validator = jsonschema.Draft202012Validator(load_schema(schema_path))
+    path = Path(schema_path or SCHEMA_PATH)
+    if not path.is_file():
+        raise GridError(f"grid schema {str(path)!r} not found; run from a source checkout")
+    validator = jsonschema.Draft202012Validator(yaml.safe_load(path.read_text()))
     errors = list(validator.iter_errors(dict(grid)))
     if errors:
         best = jsonschema.exceptions.best_match(errors)
-        where = _where(best)
+        where = ".".join(str(p) for p in best.absolute_path) or "<top level>"
         if best.validator == "additionalProperties":
             allowed = ", ".join(sorted(best.schema.get("properties", {})))
             raise GridError(f"grid config: {where}: {best.message}; allowed keys: {allowed}")
@@ -279,13 +271,11 @@ def write_cell(cell: Mapping[str, Any], path: str | Path) -> bool:
     """
     import shutil
 
-    path = Path(path)
     run_dir = Path(cell["output"])
     old_config = run_dir / "config.yaml"
     cleared = False
     if old_config.is_file():
-        with open(old_config) as f:
-            old = yaml.safe_load(f) or {}
+        old = yaml.safe_load(old_config.read_text()) or {}
         new = cfg_mod.validate(cell, check_data=False)
         if run_folder.comparable(old) != run_folder.comparable(new):
             with run_folder.locked(run_dir):
@@ -300,11 +290,7 @@ def write_cell(cell: Mapping[str, Any], path: str | Path) -> bool:
                 ):
                     (run_dir / name).unlink(missing_ok=True)
             cleared = True
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        yaml.safe_dump(dict(cell), f, sort_keys=False)
-    tmp.replace(path)
+    atomic_write(path, yaml.safe_dump(dict(cell), sort_keys=False))
     return cleared
 
 

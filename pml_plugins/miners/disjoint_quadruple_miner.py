@@ -50,10 +50,8 @@ class DisjointQuadrupleMiner(BaseMiner):
         """Indices ``x1, x2, y1, y2``, one entry per quadruple."""
         order = torch.sort(labels, stable=True).indices
         _, counts = torch.unique_consecutive(labels[order], return_counts=True)
-        starts = torch.cumsum(counts, 0) - counts
-        first, second = order[starts], order[(starts + 1).clamp(max=max(len(order) - 1, 0))]
-        keep = counts >= 2
-        first, second = first[keep], second[keep]
+        starts = (torch.cumsum(counts, 0) - counts)[counts >= 2]
+        first, second = order[starts], order[starts + 1]
         by_appearance = torch.argsort(first)
         first, second = first[by_appearance], second[by_appearance]
         num_quads = len(first) // 2

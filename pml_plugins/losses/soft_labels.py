@@ -30,7 +30,7 @@ def pair_label_matrix(
     y = torch.full((n_rows, n_cols), float("nan"), dtype=dtype, device=device)
     y[a2, n] = 0
     y[a1, p] = 1
-    if len(a2) > 0 and len(a1) > 0 and torch.any(y[a2, n] != 0):
+    if torch.any(y[a2, n] != 0):
         raise ValueError("each pair must be either positive or negative, not both")
     return y
 

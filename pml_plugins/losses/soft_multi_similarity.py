@@ -98,9 +98,8 @@ class SoftMultiSimilarityLoss(MultiSimilarityLoss):
         a pair: the formula above for every row, one value per anchor (0 for a row without
         pairs), reduction type ``element``."""
         known = ~torch.isnan(y)
-        zero = torch.zeros_like(y)
-        pos_w = torch.where(known, y, zero)
-        neg_w = torch.where(known, 1 - y, zero)
+        pos_w = torch.where(known, y, 0)
+        neg_w = torch.where(known, 1 - y, 0)
         pos_exp = self.distance.margin(mat, self.base)
         neg_exp = self.distance.margin(self.base, mat)
         return self._terms_loss_dict(

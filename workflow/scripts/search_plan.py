@@ -70,10 +70,6 @@ def tuned_labels(grid: Mapping[str, Any]) -> list[str]:
     return labels
 
 
-def study_path(dataset: str, label: str, dim: int) -> str:
-    return f"{dataset}/{label}/{dim}"
-
-
 def expand(grid: Mapping[str, Any], cells: Mapping[str, dict[str, Any]]) -> tuple[dict, dict]:
     """``(tuned cells, study specs)`` of a grid with a ``search`` block.
 
@@ -88,12 +84,12 @@ def expand(grid: Mapping[str, Any], cells: Mapping[str, dict[str, Any]]) -> tupl
     tuned: dict[str, dict[str, Any]] = {}
     studies: dict[str, dict[str, Any]] = {}
     labels = tuned_labels(grid)
-    for path, cell in cells.items():
+    for cell in cells.values():
         label, dataset = cell["name"], cell["dataset"]["name"]
         dim, cell_seed = cell["model"]["embedding_size"], cell["seed"]
         if label not in labels:
             continue
-        study = study_path(dataset, label, dim)
+        study = f"{dataset}/{label}/{dim}"
         if study not in studies:
             experiment = copy.deepcopy(cell)
             experiment["seed"] = seed
@@ -105,18 +101,17 @@ def expand(grid: Mapping[str, Any], cells: Mapping[str, dict[str, Any]]) -> tupl
                 **{k: block[k] for k in SPEC_KEYS if k in block},
                 "output": f"{runs_dir}/{study}/search",
             }
-        for suffix in (TUNED, ENSEMBLE):
-            if suffix == ENSEMBLE and (not block.get("ensemble", True) or cell_seed != seed):
-                continue
-            new_path = path.replace(f"/{label}/", f"/{label}{suffix}/", 1)
+        # the ensemble of k fold models of d dimensions: a k*d-dimensional row
+        variants = [(TUNED, dim, {})]
+        if block.get("ensemble", True) and cell_seed == seed:
+            variants.append((ENSEMBLE, block.get("folds", 4) * dim, {"ensemble": True}))
+        for suffix, size, extra in variants:
+            new_path = f"{dataset}/{label}{suffix}/{size}/seed{cell_seed}"
             new = copy.deepcopy(cell)
-            if suffix == ENSEMBLE:  # k fold models of d dimensions: a k*d-dimensional row
-                size = block.get("folds", 4) * dim
-                new_path = new_path.replace(f"/{dim}/seed", f"/{size}/seed", 1)
-                new["model"]["embedding_size"] = size
+            new["model"]["embedding_size"] = size
             new["name"] = f"{label}{suffix}"
             new["output"] = f"{runs_dir}/{new_path}"
-            new["tuning"] = {"from": study, **({"ensemble": True} if suffix == ENSEMBLE else {})}
+            new["tuning"] = {"from": study, **extra}
             tuned[new_path] = new
     return tuned, studies
 
@@ -140,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    Path(args[0]).parent.mkdir(parents=True, exist_ok=True)
     write_spec(json.loads(args[1]), args[0])
     return 0
 

@@ -33,7 +33,7 @@ import optuna.distributions as od
 import yaml
 
 from .. import config as cfg_mod
-from .space import SearchSpaceError, apply, check_spaces, experiment_space
+from .space import COMPONENT_KEYS, SearchSpaceError, apply, check_spaces, experiment_space
 
 SCHEMA_PATH = Path(__file__).with_name("search.schema.yaml")
 #: keys of a spec that may change between the workers of one study (where they run)
@@ -86,15 +86,11 @@ class SearchSpec:
         return config
 
 
-def _schema() -> dict[str, Any]:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
-
-
 def validate(raw: Any, where: str = "search spec") -> SearchSpec:
     """Check a spec mapping; raise :class:`SearchSpecError` naming the key."""
     if not isinstance(raw, Mapping):
         raise SearchSpecError(f"{where}: a mapping of keys, got {type(raw).__name__}")
-    schema = _schema()
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
     errors = list(jsonschema.Draft202012Validator(schema).iter_errors(dict(raw)))
     if errors:
         err = jsonschema.exceptions.best_match(errors)
@@ -118,7 +114,7 @@ def validate(raw: Any, where: str = "search spec") -> SearchSpec:
     except SearchSpaceError as exc:
         raise SearchSpecError(f"{where}: {exc}") from None
     if not space:
-        names = [k for k in ("loss", "miner", "sampler", "trainer") if experiment.get(k)]
+        names = [k for k in COMPONENT_KEYS if experiment.get(k)]
         raise SearchSpecError(
             f"{where}: spaces: no entry for any component of the experiment "
             f"({', '.join(f'{k}: {cfg_mod.registry.parse_spec(experiment[k])[0]}' for k in names)}); "

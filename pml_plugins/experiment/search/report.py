@@ -33,14 +33,11 @@ from .spec import SearchSpec, SearchSpecError
 from .worker import FOLDER_ATTR, open_study
 
 
-def budget_trials(spec: SearchSpec, study: optuna.Study) -> list[FrozenTrial]:
-    """The first ``spec.trials`` trials that ended complete or pruned."""
-    ended = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
-    return sorted(ended, key=lambda t: t.number)[: spec.trials]
-
-
 def best_trial(spec: SearchSpec, study: optuna.Study) -> tuple[FrozenTrial, list[FrozenTrial]]:
-    trials = budget_trials(spec, study)
+    """The best complete trial, and the budget: the first ``spec.trials`` trials that ended
+    complete or pruned."""
+    ended = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    trials = sorted(ended, key=lambda t: t.number)[: spec.trials]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if len(trials) < spec.trials or not complete:
         raise SearchSpecError(
@@ -95,12 +92,10 @@ def write_trials_csv(spec: SearchSpec, study: optuna.Study, path: Path) -> None:
         rows.append(
             [t.number, t.state.name.lower(), value, *folds_, *[t.params.get(n, "") for n in names]]
         )
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with files.atomic_open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
-    tmp.replace(path)
 
 
 def write_plots(spec: SearchSpec, study: optuna.Study, out: Path) -> None:
@@ -170,12 +165,7 @@ def write_report(spec: SearchSpec, out: str | Path) -> dict[str, Any]:
 def tuning_record(best: dict[str, Any]) -> dict[str, Any]:
     """What a tuned run's config says about where its hyperparameters came from."""
     keys = ("study", "metric", "value", "trial", "budget", "complete", "pruned", "folds")
-    return {
-        **{k: best[k] for k in keys},
-        "params": best["params"],
-        "space": best["space"],
-        "sampler": best["sampler"],
-    }
+    return {k: best[k] for k in (*keys, "params", "space", "sampler")}
 
 
 def tuned_config(config: dict[str, Any], best_json: str | Path) -> dict[str, Any]:

@@ -12,7 +12,6 @@ time the search's models see the test split.
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -59,12 +58,11 @@ def evaluate(best_json: str | Path, out: str | Path, seed: int = 0) -> dict[str,
     t0 = time.time()
     best = files.read_json(Path(best_json), "run `pml-plugins search-report` again")
     fold_dirs = [Path(p) for p in best["fold_runs"]]
-    first = cfg_mod.load(fold_dirs[0] / "config.yaml", check_data=False)
-    config = copy.deepcopy(first)
+    config = cfg_mod.load(fold_dirs[0] / "config.yaml", check_data=False)
     config["dataset"].pop("cross_validation")
     config.update(seed=seed, output=str(out))
-    # what is evaluated: k members' embeddings side by side (each member: first["model"])
-    config["model"]["embedding_size"] = len(fold_dirs) * first["model"]["embedding_size"]
+    # what is evaluated: k members' embeddings side by side (each member: a fold's model)
+    config["model"]["embedding_size"] *= len(fold_dirs)
     config["tuning"] = {**report.tuning_record(best), "ensemble": f"{len(fold_dirs)} fold models"}
     out = Path(out)
     if run_mod.check_folder(config, out, resume=True)[1]:

@@ -104,10 +104,9 @@ def _trial_lock(spec: SearchSpec, folder: str) -> filelock.FileLock:
     return filelock.FileLock(str(path / ".trial.lock"))
 
 
-def recover_stale(spec: SearchSpec, study: optuna.Study) -> int:
+def recover_stale(spec: SearchSpec, study: optuna.Study) -> None:
     """Fail every running trial whose worker is gone (its lock is free) and queue its
-    parameters again; returns how many."""
-    n = 0
+    parameters again."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         folder = trial.user_attrs.get(FOLDER_ATTR)
         if folder is not None:
@@ -121,8 +120,6 @@ def recover_stale(spec: SearchSpec, study: optuna.Study) -> int:
         if trial.params:
             study.enqueue_trial(trial.params, user_attrs={FOLDER_ATTR: folder})
         LOG.warning("trial %d of %s: its worker stopped; queued again", trial.number, spec.study)
-        n += 1
-    return n
 
 
 def _ask(spec: SearchSpec, study: optuna.Study) -> tuple[optuna.Trial, filelock.FileLock] | None:

@@ -52,9 +52,10 @@ def fold_assignment(spec: SearchSpec) -> list[list[int]]:
     the digits)."""
     with folds.search_only():
         splits = data_mod.load_splits(spec.fold_config({}, 0, spec.output)["dataset"])
-    ids = [getattr(s, "class_ids", None) for s in splits.values()]
-    if any(i is None for i in ids):  # embedded: training digits are 0..C-1 either way
-        ids = [data_mod.labels_of(s) for s in splits.values()]
+    # embedded sets have no class_ids: their training digits are 0..C-1 either way
+    ids = [
+        s.class_ids if hasattr(s, "class_ids") else data_mod.labels_of(s) for s in splits.values()
+    ]
     return folds.assignment(np.unique(np.concatenate(ids)), spec.folds, spec.raw["fold_seed"])
 
 

@@ -1,7 +1,8 @@
 """A grid of experiments: data sets x losses x embedding sizes x seeds, one config per cell.
 
 The Snakemake workflow (``workflow/Snakefile``) reads a grid config and calls
-:func:`validate_grid` at load time, before any job starts; the tests call :func:`expand`.
+:func:`cells_and_studies` (:func:`validate_grid` and the search's studies) at load time,
+before any job starts; the tests call :func:`expand`.
 A grid config::
 
     runs_dir: runs          # run folders: <runs_dir>/<dataset>/<loss label>/<dim>/seed<k>

@@ -56,13 +56,13 @@ class ConfigError(ValueError):
 
 
 @functools.cache
-def _schema_text() -> str:
-    return SCHEMA_PATH.read_text()
+def _schema() -> dict[str, Any]:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
 def load_schema() -> dict[str, Any]:
-    """The experiment JSON Schema (a fresh copy; the file is read once)."""
-    return yaml.safe_load(_schema_text())
+    """The experiment JSON Schema (a fresh copy; the file is read and parsed once)."""
+    return copy.deepcopy(_schema())
 
 
 def _path(parts: Any) -> str:

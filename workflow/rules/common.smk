@@ -163,5 +163,6 @@ def study_launcher(wildcards):
 
 def ensemble_best(wildcards):
     """The best.json of an ensemble cell's study (the cell's size is k x the study's)."""
-    path = f"{wildcards.dataset}/{wildcards.loss}+ensemble/{wildcards.dim}/seed0"
+    label = f"{wildcards.loss}+ensemble"
+    path = grid_mod.cell_path(wildcards.dataset, label, wildcards.dim, 0)
     return best_json(CELLS[path]["tuning"]["from"])

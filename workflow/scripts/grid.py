@@ -264,11 +264,11 @@ def write_cell(cell: Mapping[str, Any], path: str | Path) -> bool:
 
     The training job calls ``pml-plugins train CELL --resume``, which continues from the
     run folder's checkpoints. Checkpoints of another config (the grid was edited; the keys
-    that may differ are :data:`pml_plugins.experiment.run_folder.ALLOWED_TO_DIFFER`, as for ``--resume``) must not
-    be continued: their ``checkpoints/``, ``logs/``, metrics and run record are removed, so
+    that may differ are ``run_folder.ALLOWED_TO_DIFFER``, as for ``--resume``) must not be
+    continued: their ``checkpoints/``, ``logs/``, metrics and run record are removed, so
     the run starts afresh. The folder is cleared under its lock: while a run still writes
-    it, this raises :class:`pml_plugins.experiment.run_folder.FolderLockedError` and removes nothing. Returns True
-    when an old run was cleared.
+    it, this raises ``run_folder.FolderLockedError`` and removes nothing. Returns True when
+    an old run was cleared.
     """
     import shutil
 

@@ -21,6 +21,7 @@ size; ``pml-plugins search SPEC`` runs a worker on it)::
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -86,11 +87,17 @@ class SearchSpec:
         return config
 
 
+@functools.cache
+def _schema() -> dict[str, Any]:
+    """The spec schema, parsed once (jsonschema only reads it)."""
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
 def validate(raw: Any, where: str = "search spec") -> SearchSpec:
     """Check a spec mapping; raise :class:`SearchSpecError` naming the key."""
     if not isinstance(raw, Mapping):
         raise SearchSpecError(f"{where}: a mapping of keys, got {type(raw).__name__}")
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    schema = _schema()
     errors = list(jsonschema.Draft202012Validator(schema).iter_errors(dict(raw)))
     if errors:
         err = jsonschema.exceptions.best_match(errors)
@@ -99,7 +106,7 @@ def validate(raw: Any, where: str = "search spec") -> SearchSpec:
     raw = copy.deepcopy(dict(raw))
     for key, sub in schema["properties"].items():
         if key not in raw and "default" in sub:
-            raw[key] = sub["default"]
+            raw[key] = copy.deepcopy(sub["default"])  # the cached schema stays as read
     try:
         experiment = cfg_mod.validate(raw["experiment"], check_data=False)
     except cfg_mod.ConfigError as exc:

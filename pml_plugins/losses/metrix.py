@@ -339,8 +339,11 @@ class MetrixLoss(BaseLossWrapper, ModuleWithRecords):
     def build_mixed_embeddings(
         self, embeddings: torch.Tensor, pairs: MixedPairs, lam: float
     ) -> torch.Tensor:
-        """The (M, d) mixed embeddings of ``pairs.points``."""
+        r"""The M mixed points of ``pairs.points``, :math:`\lambda x_{first} + (1-\lambda)
+        x_{second}`, from ``embeddings`` (B, ...) on any device: the embeddings here, the
+        trunk outputs, feature maps or images in ``MetrixTrainer``'s other modes."""
         first, second, _ = pairs.points
+        first, second = first.to(embeddings.device), second.to(embeddings.device)
         return lam * embeddings[first] + (1 - lam) * embeddings[second]
 
     def gram_path_applies(self) -> bool:

@@ -7,14 +7,7 @@ from pytorch_metric_learning.trainers import MetricLossOnly
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from ..losses.metrix import MetrixLoss
-from ..losses.metrix_pairs import MixedPairs
 from ..models.backbones import MapTrunk
-
-
-def _mix(x: torch.Tensor, pairs: MixedPairs, lam: float) -> torch.Tensor:
-    """``lam * x[first] + (1 - lam) * x[second]`` for the mixing pairs' points."""
-    first, second, _ = pairs.points
-    return lam * x[first.to(x.device)] + (1 - lam) * x[second.to(x.device)]
 
 
 class MetrixTrainer(MetricLossOnly):
@@ -91,12 +84,14 @@ class MetrixTrainer(MetricLossOnly):
         pairs = loss_fn.mixing_pairs(labels, embeddings, indices_tuple)
         if pairs.num_pairs == 0:  # nothing to mix (e.g. one class)
             mixed_emb = embeddings[:0]
-        elif loss_fn.mode == "input":
-            mixed_emb = self.compute_embeddings(_mix(data, pairs, lam))
+        elif loss_fn.mode == "input":  # mixed images
+            mixed_emb = self.compute_embeddings(loss_fn.build_mixed_embeddings(data, pairs, lam))
         elif maps is None:  # mixed trunk outputs
-            mixed_emb = self.get_final_embeddings(_mix(trunk_output, pairs, lam))
+            mixed = loss_fn.build_mixed_embeddings(trunk_output, pairs, lam)
+            mixed_emb = self.get_final_embeddings(mixed)
         else:  # mixed feature maps, pooled after mixing
-            mixed_emb = self.get_final_embeddings(self.map_trunk().pool(_mix(maps, pairs, lam)))
+            mixed = loss_fn.build_mixed_embeddings(maps, pairs, lam)
+            mixed_emb = self.get_final_embeddings(self.map_trunk().pool(mixed))
         mixed = loss_fn.compute_mixed_loss(embeddings, labels, mixed_emb, pairs, lam)
         self.losses["metric_loss"] = clean + loss_fn.weight * mixed
         return None
